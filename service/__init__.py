@@ -1,0 +1,1 @@
+"""BPS: the HTTP door in front of bps.bulk_transfer."""

@@ -1,0 +1,51 @@
+"""All configuration, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+    pool_timeout_seconds: float = 10.0
+    statement_timeout_ms: int = 60_000
+    # 10000 transfers at their longest fields, JSON-escaped, stay well below this.
+    max_body_bytes: int = 16 * MIB
+    retry_after_seconds: int = 1
+    shutdown_timeout_seconds: float = 30.0
+    access_log: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
+        def get(name: str, cast, default):
+            value = env.get(name)
+            return default if value in (None, "") else cast(value)
+
+        def flag(value: str) -> bool:
+            return value.strip().lower() in ("1", "true", "yes", "on")
+
+        d = cls()
+        return cls(
+            database_url=get("DATABASE_URL", str, d.database_url),
+            host=get("BPS_HOST", str, d.host),
+            port=get("BPS_PORT", int, d.port),
+            workers=get("BPS_WORKERS", int, d.workers),
+            pool_min_size=get("BPS_POOL_MIN_SIZE", int, d.pool_min_size),
+            pool_max_size=get("BPS_POOL_MAX_SIZE", int, d.pool_max_size),
+            pool_timeout_seconds=get("BPS_POOL_TIMEOUT", float, d.pool_timeout_seconds),
+            statement_timeout_ms=get("BPS_STATEMENT_TIMEOUT_MS", int, d.statement_timeout_ms),
+            max_body_bytes=get("BPS_MAX_BODY_BYTES", int, d.max_body_bytes),
+            retry_after_seconds=get("BPS_RETRY_AFTER", int, d.retry_after_seconds),
+            shutdown_timeout_seconds=get("BPS_SHUTDOWN_TIMEOUT", float, d.shutdown_timeout_seconds),
+            access_log=get("BPS_ACCESS_LOG", flag, d.access_log),
+        )

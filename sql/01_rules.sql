@@ -1,0 +1,217 @@
+-- The payload rules of CONTRACT.md section 1, one small function per rule. Each *_problem function
+-- returns a machine-readable code, or NULL when the value is fine; bps.bulk_transfer's fast path and its
+-- detailed error list are two aggregations over these same functions, so every rule is written once.
+
+-- The longest text each field may hold (CONTRACT.md section 1).
+CREATE OR REPLACE FUNCTION bps.field_max_length(field text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE field
+        WHEN 'counterparty_name' THEN 70
+        WHEN 'description' THEN 140
+        WHEN 'counterparty_iban' THEN 34
+        WHEN 'organization_iban' THEN 34
+        WHEN 'counterparty_bic' THEN 11
+        WHEN 'organization_bic' THEN 11
+        WHEN 'client_reference' THEN 35
+        WHEN 'organization_name' THEN 140
+    END
+$$;
+
+-- Cents of a wire amount: a JSON string "123.45" with at most two decimals, in (0, 999999999.99]; else NULL.
+-- Exact: the digits go through numeric, never a float.
+CREATE OR REPLACE FUNCTION bps.amount_cents(amount jsonb) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN jsonb_typeof(amount) = 'string'
+         AND (amount #>> '{}') ~ '^0*[0-9]{1,9}(\.[0-9]{1,2})?$'
+         AND (amount #>> '{}') ~ '[1-9]'
+        THEN ((amount #>> '{}')::numeric * 100)::bigint
+    END
+$$;
+
+-- What is wrong with a wire amount, or NULL when bps.amount_cents accepts it.
+CREATE OR REPLACE FUNCTION bps.amount_problem(amount jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN amount IS NULL THEN 'required'
+        WHEN jsonb_typeof(amount) = 'number' THEN 'amount_not_string'
+        WHEN jsonb_typeof(amount) <> 'string' THEN 'invalid_type'
+        WHEN (amount #>> '{}') !~ '^[0-9]+(\.[0-9]{1,2})?$' THEN 'invalid_amount'
+        WHEN (amount #>> '{}') !~ '[1-9]' THEN 'amount_not_positive'
+        WHEN (amount #>> '{}') !~ '^0*[0-9]{1,9}(\.[0-9]{1,2})?$' THEN 'amount_too_large'
+    END
+$$;
+
+-- Cents as the wire writes them: 1450 -> '14.50'.
+CREATE OR REPLACE FUNCTION bps.format_cents(cents bigint) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN cents < 0 THEN '-' ELSE '' END
+        || (abs(cents) / 100)::text || '.' || lpad((abs(cents) % 100)::text, 2, '0')
+$$;
+
+-- What is wrong with a text field (a non-blank JSON string within its field's length), or NULL.
+CREATE OR REPLACE FUNCTION bps.text_problem(value jsonb, field text, required boolean) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN value IS NULL THEN CASE WHEN required THEN 'required' END
+        WHEN jsonb_typeof(value) <> 'string' THEN 'invalid_type'
+        WHEN btrim(value #>> '{}') = '' THEN 'empty'
+        WHEN length(value #>> '{}') > bps.field_max_length(field) THEN 'too_long'
+    END
+$$;
+
+-- What is wrong with a transfer's optional currency, given the account's (NULL while the account is unknown).
+CREATE OR REPLACE FUNCTION bps.currency_problem(value jsonb, account_currency text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN value IS NULL THEN NULL
+        WHEN jsonb_typeof(value) <> 'string' THEN 'invalid_type'
+        WHEN (value #>> '{}') IS DISTINCT FROM account_currency AND account_currency IS NOT NULL
+            THEN 'currency_mismatch'
+    END
+$$;
+
+-- An IBAN as stored and looked up: upper case, no spaces.
+CREATE OR REPLACE FUNCTION bps.normalize_iban(iban text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT upper(replace(btrim(iban), ' ', ''))
+$$;
+
+-- A BIC as stored and looked up: upper case, and an 8-character BIC names the head office ('XXX').
+CREATE OR REPLACE FUNCTION bps.normalize_bic(bic text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN length(btrim(bic)) = 8 THEN upper(btrim(bic)) || 'XXX' ELSE upper(btrim(bic)) END
+$$;
+
+-- ISO 13616: the country's length and the mod-97 check digits (used by accounts in 'strict' mode).
+CREATE OR REPLACE FUNCTION bps.iban_is_valid(iban text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce((
+        SELECT s ~ '^[A-Z]{2}[0-9]{2}[A-Z0-9]+$'
+           AND length(s) = ('{"AD":24,"AE":23,"AL":28,"AT":20,"AZ":28,"BA":20,"BE":16,"BG":22,"BH":22,"BR":29,
+               "BY":28,"CH":21,"CR":22,"CY":28,"CZ":24,"DE":22,"DK":18,"DO":28,"EE":20,"EG":29,"ES":24,"FI":18,
+               "FO":18,"FR":27,"GB":22,"GE":22,"GI":23,"GL":18,"GR":27,"GT":28,"HR":21,"HU":28,"IE":22,"IL":23,
+               "IQ":23,"IS":26,"IT":27,"JO":30,"KW":30,"KZ":20,"LB":28,"LC":32,"LI":21,"LT":20,"LU":20,"LV":21,
+               "LY":25,"MC":27,"MD":24,"ME":22,"MK":19,"MR":27,"MT":31,"MU":30,"NL":18,"NO":15,"PK":24,"PL":28,
+               "PS":29,"PT":25,"QA":29,"RO":24,"RS":22,"SA":24,"SC":31,"SD":18,"SE":24,"SI":19,"SK":24,"SM":27,
+               "ST":25,"SV":28,"TL":23,"TN":24,"TR":26,"UA":29,"VA":22,"VG":24,"XK":20}'::jsonb
+               ->> left(s, 2))::integer
+           AND (SELECT string_agg(CASE WHEN c BETWEEN 'A' AND 'Z' THEN (ascii(c) - 55)::text ELSE c END, ''
+                                  ORDER BY i)
+                FROM unnest(string_to_array(substr(s, 5) || left(s, 4), NULL)) WITH ORDINALITY AS ch(c, i)
+               )::numeric % 97 = 1
+        FROM bps.normalize_iban(iban) AS s
+    ), false)
+$$;
+
+-- ISO 9362: 4 letters of institution, 2 of country, 2 of location, optionally 3 of branch.
+CREATE OR REPLACE FUNCTION bps.bic_is_valid(bic text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce(bic ~ '^[A-Z]{4}[A-Z]{2}[A-Z0-9]{2}([A-Z0-9]{3})?$', false)
+$$;
+
+-- {"key": "unknown_field"} for each key of an object outside the allowed ones; '{}' when there is none.
+CREATE OR REPLACE FUNCTION bps.unknown_field_problems(object jsonb, allowed text[]) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN (object - allowed) = '{}'::jsonb THEN '{}'::jsonb
+        ELSE (SELECT jsonb_object_agg(k, 'unknown_field') FROM jsonb_object_keys(object - allowed) AS k)
+    END
+$$;
+
+-- Every rule one transfer breaks, as {"field": "code"}; '{}' when the transfer is valid.
+-- account_currency and strict are NULL while the account is unknown.
+CREATE OR REPLACE FUNCTION bps.transfer_problems(transfer jsonb, account_currency text, strict boolean)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN jsonb_typeof(transfer) IS DISTINCT FROM 'object' THEN '{"": "invalid_type"}'::jsonb
+        ELSE jsonb_strip_nulls(jsonb_build_object(
+            'amount', bps.amount_problem(transfer -> 'amount'),
+            'counterparty_name', bps.text_problem(transfer -> 'counterparty_name', 'counterparty_name', true),
+            'counterparty_iban', coalesce(
+                bps.text_problem(transfer -> 'counterparty_iban', 'counterparty_iban', true),
+                CASE WHEN strict AND NOT bps.iban_is_valid(transfer ->> 'counterparty_iban') THEN 'invalid_iban' END),
+            'counterparty_bic', coalesce(
+                bps.text_problem(transfer -> 'counterparty_bic', 'counterparty_bic', true),
+                CASE WHEN strict AND NOT bps.bic_is_valid(transfer ->> 'counterparty_bic') THEN 'invalid_bic' END),
+            'description', bps.text_problem(transfer -> 'description', 'description', true),
+            'client_reference', bps.text_problem(transfer -> 'client_reference', 'client_reference', false),
+            'currency', bps.currency_problem(transfer -> 'currency', account_currency)
+        )) || bps.unknown_field_problems(transfer, 
+            '{amount,currency,counterparty_name,counterparty_iban,counterparty_bic,description,client_reference}')
+    END
+$$;
+
+-- Every rule the request's top level breaks, as {"field": "code"}; '{}' when it is valid.
+-- account_name is NULL while the account is unknown.
+CREATE OR REPLACE FUNCTION bps.request_problems(payload jsonb, account_name text) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT jsonb_strip_nulls(jsonb_build_object(
+        'organization_iban', bps.text_problem(payload -> 'organization_iban', 'organization_iban', true),
+        'organization_bic', bps.text_problem(payload -> 'organization_bic', 'organization_bic', true),
+        'organization_name', coalesce(
+            bps.text_problem(payload -> 'organization_name', 'organization_name', false),
+            CASE WHEN lower(btrim(payload ->> 'organization_name')) <> lower(btrim(account_name))
+                THEN 'organization_name_mismatch' END),
+        'credit_transfers', CASE
+            WHEN payload -> 'credit_transfers' IS NULL THEN 'required'
+            WHEN jsonb_typeof(payload -> 'credit_transfers') <> 'array' THEN 'invalid_type'
+            WHEN jsonb_array_length(payload -> 'credit_transfers') = 0 THEN 'empty'
+        END
+    )) || bps.unknown_field_problems(payload, '{organization_name,organization_iban,organization_bic,credit_transfers}')
+$$;
+
+-- A JSON pointer reference token (RFC 6901): '~' and '/' escaped.
+CREATE OR REPLACE FUNCTION bps.pointer_token(key text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT replace(replace(key, '~', '~0'), '/', '~1')
+$$;
+
+-- The sentence a client reads for one problem code on one field.
+CREATE OR REPLACE FUNCTION bps.problem_detail(field text, code text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE code
+        WHEN 'required' THEN format('%s is required', field)
+        WHEN 'invalid_type' THEN CASE field
+            WHEN '' THEN 'each credit transfer must be a JSON object'
+            WHEN 'credit_transfers' THEN 'credit_transfers must be a JSON array of transfers'
+            WHEN 'amount' THEN 'amount must be a string such as "14.50"'
+            ELSE format('%s must be a string', field) END
+        WHEN 'empty' THEN CASE field
+            WHEN 'credit_transfers' THEN 'credit_transfers must hold at least one transfer'
+            ELSE format('%s must not be empty', field) END
+        WHEN 'too_long' THEN format('%s must be at most %s characters', field, bps.field_max_length(field))
+        WHEN 'amount_not_string' THEN 'amount must be sent as a string such as "14.50", not as a JSON number'
+        WHEN 'invalid_amount' THEN 'amount must be a decimal with at most two decimals, such as "14.50"'
+        WHEN 'amount_not_positive' THEN 'amount must be greater than 0'
+        WHEN 'amount_too_large' THEN 'amount must be at most 999999999.99'
+        WHEN 'currency_mismatch' THEN 'currency must be the currency of the debited account'
+        WHEN 'invalid_iban' THEN 'counterparty_iban is not a valid IBAN (ISO 13616 length and check digits)'
+        WHEN 'invalid_bic' THEN 'counterparty_bic is not a valid BIC (ISO 9362)'
+        WHEN 'unknown_field' THEN format('unknown field "%s"', field)
+        WHEN 'organization_name_mismatch' THEN 'organization_name does not match the account''s organization'
+        WHEN 'invalid_idempotency_key' THEN 'the Idempotency-Key header must be 1 to 255 characters'
+        ELSE code
+    END
+$$;
+
+-- The 422 error list: every problem with its JSON pointer, the top level first, then transfer by transfer.
+CREATE OR REPLACE FUNCTION bps.request_errors(payload jsonb, account_name text, account_currency text,
+                                              strict boolean) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT jsonb_agg(jsonb_build_object('pointer', e.pointer, 'code', e.code,
+                                        'detail', bps.problem_detail(e.field, e.code))
+                     ORDER BY e.n, e.pointer)
+    FROM (
+        SELECT 0 AS n, '/' || bps.pointer_token(p.key) AS pointer, p.key AS field, p.value AS code
+        FROM jsonb_each_text(bps.request_problems(payload, account_name)) AS p
+        UNION ALL
+        SELECT t.n,
+               '/credit_transfers/' || (t.n - 1)
+                   || CASE WHEN jsonb_typeof(t.transfer) = 'object' THEN '/' || bps.pointer_token(p.key) ELSE '' END,
+               p.key, p.value
+        FROM jsonb_array_elements(CASE WHEN jsonb_typeof(payload -> 'credit_transfers') = 'array'
+                                       THEN payload -> 'credit_transfers' END) WITH ORDINALITY AS t(transfer, n)
+        CROSS JOIN LATERAL jsonb_each_text(bps.transfer_problems(t.transfer, account_currency, strict)) AS p
+    ) AS e
+$$;

@@ -1,0 +1,31 @@
+-- What the functions called over HTTP answer: RFC 9457 problem documents and response headers.
+
+-- An RFC 9457 problem document for one of the contract's codes; extra members (errors, ...) merged in.
+CREATE OR REPLACE FUNCTION bps.problem(status integer, code text, detail text, extra jsonb DEFAULT '{}')
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT jsonb_build_object(
+        'type', '/problems/' || code,
+        'title', CASE code
+            WHEN 'invalid_json' THEN 'Request body is not a JSON object'
+            WHEN 'validation_failed' THEN 'Request is not valid'
+            WHEN 'account_not_found' THEN 'Bank account not found'
+            WHEN 'insufficient_funds' THEN 'Insufficient funds'
+            WHEN 'duplicate_request' THEN 'Duplicate request'
+            WHEN 'idempotency_key_reused' THEN 'Idempotency key reused with a different payload'
+            WHEN 'request_in_progress' THEN 'Request still in progress'
+            WHEN 'payload_too_large' THEN 'Payload too large'
+            WHEN 'bulk_transfer_not_found' THEN 'Bulk transfer not found'
+            ELSE code END,
+        'status', status,
+        'detail', detail,
+        'code', code
+    ) || extra
+$$;
+
+-- Headers for the HTTP layer to add to this call's response, PostgREST-style: the transaction-local
+-- setting response.headers holds a JSON object the service copies; psql callers simply ignore it.
+CREATE OR REPLACE FUNCTION bps.set_response_headers(headers jsonb) RETURNS void
+LANGUAGE sql AS $$
+    SELECT set_config('response.headers', headers::text, true)
+$$;
