@@ -34,6 +34,7 @@ DECLARE
     version_after   bigint;
     transfer_items  jsonb;
 BEGIN
+    PERFORM bps.set_response_headers('{}');
     -- 1. Validate. Only a JSON object is a request; the transfer count is bounded before any work.
     IF jsonb_typeof(payload) IS DISTINCT FROM 'object' THEN
         status := 400;
