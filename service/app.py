@@ -24,14 +24,17 @@ BULK_TRANSFER_SQL = (
 )
 GET_BULK_TRANSFER_SQL = "SELECT r.status, r.body::text FROM bps.get_bulk_transfer($1) AS r"
 
+# Titles of the problems the service answers itself; sql/02_responses.sql titles the function's.
 PROBLEM_TITLES = {
-    400: "Request body is not a JSON object",
-    404: "Not found",
-    405: "Method not allowed",
-    413: "Payload too large",
-    415: "Unsupported media type",
-    503: "Service unavailable",
+    "invalid_json": "Request body is not a JSON object",
+    "bulk_transfer_not_found": "Bulk transfer not found",
+    "not_found": "Not found",
+    "method_not_allowed": "Method not allowed",
+    "payload_too_large": "Payload too large",
+    "unsupported_media_type": "Unsupported media type",
+    "service_unavailable": "Service unavailable",
 }
+BIGINT_MAX = 2**63 - 1
 
 # What the database says when it is down, restarting, full, or too slow: the client should retry.
 UNAVAILABLE = (
@@ -53,7 +56,7 @@ def problem(status: int, code: str, detail: str, headers: dict[str, str] | None 
     """An RFC 9457 response for what the service itself rejects (the function answers the rest)."""
     body = {
         "type": f"/problems/{code}",
-        "title": PROBLEM_TITLES.get(status, code),
+        "title": PROBLEM_TITLES.get(code, code),
         "status": status,
         "detail": detail,
         "code": code,
@@ -113,16 +116,17 @@ async def post_bulk_transfer(request: web.Request) -> web.Response:
         return unavailable(request)
     except asyncpg.PostgresError as error:
         if is_unreadable_json(error):
-            return problem(400, "invalid_json", f"The request body is not valid JSON: {error}.")
+            reason = " ".join(f"{error.message}. {error.detail or ''}".split())
+            return problem(400, "invalid_json", f"The request body is not valid JSON: {reason}")
         raise
     return function_response(status, body, headers)
 
 
 async def get_bulk_transfer(request: web.Request) -> web.Response:
-    try:
-        bulk_transfer_id = int(request.match_info["id"])
-    except ValueError:
-        return problem(404, "bulk_transfer_not_found", "Bulk transfer ids are whole numbers.")
+    raw_id = request.match_info["id"]
+    if not (raw_id.isascii() and raw_id.isdigit()) or int(raw_id) > BIGINT_MAX:
+        return problem(404, "bulk_transfer_not_found", f"There is no bulk transfer {raw_id!r}.")
+    bulk_transfer_id = int(raw_id)
     try:
         async with request.app[POOL].acquire(timeout=request.app[CONFIG].pool_timeout_seconds) as connection:
             status, body = await connection.fetchrow(GET_BULK_TRANSFER_SQL, bulk_transfer_id)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -11,6 +13,11 @@ from support import Account, create_database, drop_database, random_iban
 from service import db
 from service.app import create_app
 from service.config import Config
+
+
+def pytest_sessionstart(session) -> None:
+    """The tests need a PostgreSQL to create their databases on: start the machine's own if it is down."""
+    subprocess.run([Path(__file__).parent / "ensure-postgres.sh"], check=True)
 
 
 @pytest.fixture(scope="session")

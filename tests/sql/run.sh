@@ -6,6 +6,7 @@ root=$(cd "$here/../.." && pwd)
 venv=${VENV:-$root/.venv}
 admin_url=${BPS_TEST_ADMIN_URL:-${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/postgres}}
 
+BPS_TEST_ADMIN_URL="$admin_url" "$here/../ensure-postgres.sh"
 "$here/ensure-pgtap.sh" "$admin_url"
 
 name="bps_sqltest_$(date +%s)_$$"
