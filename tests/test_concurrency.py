@@ -226,7 +226,12 @@ async def assert_journal_consistent(pool: asyncpg.Pool, account: Account) -> lis
 
 
 async def assert_all_or_nothing(
-    pool: asyncpg.Pool, account: Account, opening_cents: int, requests: list[Request], outcomes: list[Outcome]
+    pool: asyncpg.Pool,
+    account: Account,
+    opening_cents: int,
+    requests: list[Request],
+    outcomes: list[Outcome],
+    credited_cents: int = 0,
 ) -> int:
     """Every CONTRACT section 2 invariant for one account; returns its final balance."""
     accepted: dict[str, tuple[Request, Outcome]] = {}
@@ -247,9 +252,10 @@ async def assert_all_or_nothing(
 
     final = await balance_of(pool, account)
     assert final >= 0
-    assert opening_cents - final == sum(r.total_cents for r, _ in accepted.values())
-    # Balances only fall here, so a request turned away for funds cannot have fitted in the final balance.
-    assert all(r.total_cents > final for r in rejected), (final, [r.total_cents for r in rejected])
+    assert opening_cents + credited_cents - final == sum(r.total_cents for r, _ in accepted.values())
+    if not credited_cents:
+        # The balance only fell, so a request turned away for funds cannot have fitted in the final balance.
+        assert all(r.total_cents > final for r in rejected), (final, [r.total_cents for r in rejected])
 
     bulk_rows = {
         row["id"]: row
@@ -280,6 +286,7 @@ async def assert_all_or_nothing(
     entries = await assert_journal_consistent(pool, account)
     debits = {e["bulk_transfer_id"]: -e["amount_cents"] for e in entries if e["kind"] == "bulk_debit"}
     assert debits == {bulk_id: row["total_cents"] for bulk_id, row in bulk_rows.items()}
+    assert sum(e["amount_cents"] for e in entries if e["kind"] == "credit") == credited_cents
     return final
 
 
@@ -314,6 +321,22 @@ async def test_hot_account_hit_through_sql_and_http_at_once_never_overdraws(clie
     outcomes = await asyncio.gather(*(door(r.payload) for door, r in zip(doors, requests, strict=False)))
 
     await assert_all_or_nothing(pool, account, 60_000, requests, outcomes)
+
+
+async def test_top_ups_during_a_run_of_debits_are_neither_lost_nor_overdrawn(client, config, pool, make_account):
+    rng = random.Random(8)
+    account = await make_account(20_000)
+    requests = random_requests(account, 40, rng)
+    credits = [rng.randint(1, 5_000) for _ in range(10)]
+    doors = itertools.cycle((sql_door(pool), http_door(client, config)))
+    await warm(pool)
+
+    debit_calls = [door(r.payload) for door, r in zip(doors, requests, strict=False)]
+    credit_calls = [pool.fetchval("SELECT bps.credit_bank_account($1, $2)", account.id, c) for c in credits]
+    results = await asyncio.gather(*debit_calls, *credit_calls)
+
+    outcomes = results[: len(requests)]
+    await assert_all_or_nothing(pool, account, 20_000, requests, outcomes, credited_cents=sum(credits))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,6 +409,22 @@ async def test_one_idempotency_key_with_two_payloads_at_once_executes_one_of_the
             assert outcome.status == 422 and outcome.body["code"] == "idempotency_key_reused", outcome
     original = next(o for o in outcomes if o.status == 201 and "idempotent-replayed" not in o.headers)
     await assert_all_or_nothing(pool, account, 1_000_000, [winner], [original])
+
+
+async def test_same_idempotency_key_sent_twenty_times_to_a_short_account_stores_one_denial(door, pool, make_account):
+    account = await make_account(1_000)
+    request = make_request(account, [1_001], random.Random(9))
+    key = f"short-{secrets.token_hex(8)}"
+    await warm(pool)
+
+    outcomes = await asyncio.gather(*(door(request.payload, key) for _ in range(20)))
+
+    assert {(o.status, o.body["code"]) for o in outcomes} == {(422, "insufficient_funds")}
+    assert all(o.body == outcomes[0].body for o in outcomes), [o.body for o in outcomes]
+    replayed = [o for o in outcomes if o.headers.get("idempotent-replayed") == "true"]
+    assert len(replayed) == 19, [o.headers for o in outcomes]
+    await assert_all_or_nothing(pool, account, 1_000, [request], [outcomes[0]])
+    assert await balance_of(pool, account) == 1_000
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 -- CONTRACT.md section 3: duplicates without a key (409), and Idempotency-Key replays.
 BEGIN;
-SELECT plan(36);
+SELECT plan(37);
 
 CREATE FUNCTION pg_temp.req(iban text, amount text, description text) RETURNS jsonb
 LANGUAGE sql AS $$
@@ -107,6 +107,11 @@ SELECT results_eq(
     'the same key with a different payload gets 422 idempotency_key_reused');
 SELECT is(pg_temp.written(:other), :'after_keyed'::bigint[], '... and changes nothing');
 
+SELECT results_eq(
+    $$SELECT status, body ->> 'code', body ->> 'bulk_transfer_id'
+        FROM bps.bulk_transfer(pg_temp.req('FR7630000000000000000000002', '12.5', 'keyed'))$$,
+    $$SELECT 409, 'duplicate_request', body ->> 'bulk_transfer_id' FROM keyed$$,
+    'without a key, a payload already accepted with a key is a duplicate of it');
 SELECT results_eq(
     $$SELECT status, replayed FROM pg_temp.call(pg_temp.req('FR7630000000000000000000002', '12.5', 'keyed'), 'key-2')$$,
     $$VALUES (201, NULL::text)$$,
