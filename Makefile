@@ -47,6 +47,7 @@ format: install
 
 ## bench: the benchmark of bench/ (long; not part of test)
 bench: install
+	$(VENV)/bin/pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench
 
 ## reliability: the soak, crash and fault runs (long; not part of test)

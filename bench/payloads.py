@@ -1,0 +1,85 @@
+"""Request bodies, encoded once per batch size: a request is made unique by overwriting two fixed-width
+fields in place (the debited IBAN and a counter in the first transfer's description), so the load
+generator spends no CPU on uniqueness and every request is a new payload to the duplicate check."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+ORGANIZATION_NAME = "BPS Bench"
+ORGANIZATION_BIC = "BENCFRPPXXX"
+IBAN_LENGTH = 27
+COUNTER_DIGITS = 20
+# Each transfer is worth one of these; the function totals them exactly.
+AMOUNTS = ("14.50", "13.20", "612.38", "8024.99", "19.99", "0.29", "1.13", "700")
+IBAN_PLACEHOLDER = "FR76" + "#" * (IBAN_LENGTH - 4)
+COUNTER_PLACEHOLDER = "~" * COUNTER_DIGITS
+
+
+def account_iban(run_tag: int, index: int) -> str:
+    """A 27-character French-shaped IBAN unique to this run and account (basic check: shape only)."""
+    return f"FR76{run_tag:06d}{index:017d}"
+
+
+def transfers_cents(batch: int) -> int:
+    """What one request of `batch` transfers debits."""
+    return sum(round(float(AMOUNTS[i % len(AMOUNTS)]) * 100) for i in range(batch))
+
+
+def _transfer(position: int) -> dict:
+    return {
+        "amount": AMOUNTS[position % len(AMOUNTS)],
+        "currency": "EUR",
+        "counterparty_name": f"Supplier {position % 997:05d}",
+        "counterparty_iban": "EE383680981021245685",
+        "counterparty_bic": "CRLYFRPPTOU",
+        "description": f"Invoice {position:05d} " + (COUNTER_PLACEHOLDER if position == 0 else "of the month"),
+        "client_reference": f"bench-{position:07d}",
+    }
+
+
+@dataclass(frozen=True)
+class Template:
+    """One encoded JSON body of `batch` transfers and where its variable fields sit."""
+
+    batch: int
+    body: bytes
+    iban_at: int
+    counter_at: int
+
+    @classmethod
+    def build(cls, batch: int) -> Template:
+        document = {
+            "organization_name": ORGANIZATION_NAME,
+            "organization_iban": IBAN_PLACEHOLDER,
+            "organization_bic": ORGANIZATION_BIC,
+            "credit_transfers": [_transfer(i) for i in range(batch)],
+        }
+        body = json.dumps(document, separators=(",", ":")).encode()
+        return cls(batch, body, body.index(IBAN_PLACEHOLDER.encode()), body.index(COUNTER_PLACEHOLDER.encode()))
+
+    def http_request(self, host: str, port: int, path: str = "/bulk_transfer") -> tuple[bytearray, int]:
+        """The whole HTTP/1.1 request as one mutable buffer, and where the body starts in it."""
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(self.body)}\r\n\r\n"
+        ).encode()
+        return bytearray(head + self.body), len(head)
+
+
+class Stamp:
+    """Writes an account's IBAN and a counter into one request buffer in place; the length never changes."""
+
+    def __init__(self, template: Template, buffer: bytearray, body_at: int) -> None:
+        self.buffer = buffer
+        self.iban_at = body_at + template.iban_at
+        self.counter_at = body_at + template.counter_at
+
+    def __call__(self, iban: bytes, counter: int) -> None:
+        self.buffer[self.iban_at : self.iban_at + IBAN_LENGTH] = iban
+        self.buffer[self.counter_at : self.counter_at + COUNTER_DIGITS] = b"%020d" % counter
+
+
+def health_request(host: str, port: int) -> bytes:
+    return f"GET /health HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
