@@ -2,6 +2,12 @@
 -- returns a machine-readable code, or NULL when the value is fine; bps.bulk_transfer's fast path and its
 -- detailed error list are two aggregations over these same functions, so every rule is written once.
 
+-- A string without the white space around it (spaces, tabs, line breaks), as names are compared.
+CREATE OR REPLACE FUNCTION bps.trim_space(value text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT btrim(value, E' \t\n\r\f\v')
+$$;
+
 -- The longest text each field may hold (CONTRACT.md section 1).
 CREATE OR REPLACE FUNCTION bps.field_max_length(field text) RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
@@ -57,7 +63,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE
         WHEN value IS NULL THEN CASE WHEN required THEN 'required' END
         WHEN jsonb_typeof(value) <> 'string' THEN 'invalid_type'
-        WHEN btrim(value #>> '{}') = '' THEN 'empty'
+        WHEN bps.trim_space(value #>> '{}') = '' THEN 'empty'
         WHEN length(value #>> '{}') > bps.field_max_length(field) THEN 'too_long'
     END
 $$;
@@ -76,13 +82,13 @@ $$;
 -- An IBAN as stored and looked up: upper case, no spaces.
 CREATE OR REPLACE FUNCTION bps.normalize_iban(iban text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT upper(replace(btrim(iban), ' ', ''))
+    SELECT upper(replace(bps.trim_space(iban), ' ', ''))
 $$;
 
 -- A BIC as stored and looked up: upper case, and an 8-character BIC names the head office ('XXX').
 CREATE OR REPLACE FUNCTION bps.normalize_bic(bic text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN length(btrim(bic)) = 8 THEN upper(btrim(bic)) || 'XXX' ELSE upper(btrim(bic)) END
+    SELECT CASE WHEN length(bps.trim_space(bic)) = 8 THEN upper(bps.trim_space(bic)) || 'XXX' ELSE upper(bps.trim_space(bic)) END
 $$;
 
 -- ISO 13616: the country's length and the mod-97 check digits (used by accounts in 'strict' mode).
@@ -158,7 +164,7 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         'organization_bic', bps.text_problem(payload -> 'organization_bic', 'organization_bic', true),
         'organization_name', coalesce(
             bps.text_problem(payload -> 'organization_name', 'organization_name', false),
-            CASE WHEN lower(btrim(payload ->> 'organization_name')) <> lower(btrim(account_name))
+            CASE WHEN lower(bps.trim_space(payload ->> 'organization_name')) <> lower(bps.trim_space(account_name))
                 THEN 'organization_name_mismatch' END),
         'credit_transfers', CASE
             WHEN payload -> 'credit_transfers' IS NULL THEN 'required'

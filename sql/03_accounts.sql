@@ -10,8 +10,8 @@ DECLARE
     account_id bigint;
 BEGIN
     INSERT INTO bps.bank_accounts (organization_name, iban, bic, balance_cents, currency, counterparty_check)
-    VALUES (btrim(organization_name), bps.normalize_iban(iban), bps.normalize_bic(bic), balance_cents,
-            upper(btrim(currency)), counterparty_check)
+    VALUES (bps.trim_space(organization_name), bps.normalize_iban(iban), bps.normalize_bic(bic), balance_cents,
+            upper(bps.trim_space(currency)), counterparty_check)
     RETURNING id INTO account_id;
 
     INSERT INTO bps.account_entries (bank_account_id, account_version, kind, amount_cents,
