@@ -30,6 +30,7 @@ DECLARE
     stored          bps.idempotency_keys;
     duplicate_id    bigint;
     bulk_id         bigint;
+    balance_before  bigint;
     balance_after   bigint;
     version_after   bigint;
     transfer_items  jsonb;
@@ -136,8 +137,9 @@ BEGIN
         END IF;
     END IF;
 
-    -- 5. to 7. Write the whole request, then debit. The balance read at lookup turns most short requests
-    -- away without writing; the debit's own condition is the real check, and its failure undoes the writes.
+    -- 5. to 7. Write the whole request, then lock, check and debit. The balance read at lookup turns most
+    -- short requests away without writing; the check under the lock is the real one, and its failure
+    -- undoes the writes (the block below is a subtransaction).
     IF total_cents > account.balance_cents THEN
         status := 422;
         body := bps.insufficient_funds(account.balance_cents, total_cents);
@@ -167,18 +169,22 @@ BEGIN
               FROM inserted AS i;
 
             -- The account row is locked here, as late as possible: concurrent requests on one account
-            -- serialize only for this debit, the journal entry and the commit.
-            UPDATE bps.bank_accounts AS a
-               SET balance_cents = a.balance_cents - bulk_transfer.total_cents, version = a.version + 1
-             WHERE a.id = account.id AND a.balance_cents >= bulk_transfer.total_cents
-            RETURNING a.balance_cents, a.version INTO balance_after, version_after;
-            IF NOT FOUND THEN
+            -- serialize only for this check, the debit, the journal entry and the commit.
+            SELECT a.balance_cents INTO balance_before
+              FROM bps.bank_accounts AS a
+             WHERE a.id = account.id
+               FOR NO KEY UPDATE;
+            IF balance_before < bulk_transfer.total_cents THEN
                 RAISE EXCEPTION USING ERRCODE = 'BPS01', MESSAGE = 'insufficient funds at debit';
             END IF;
+            UPDATE bps.bank_accounts AS a
+               SET balance_cents = a.balance_cents - bulk_transfer.total_cents, version = a.version + 1
+             WHERE a.id = account.id
+            RETURNING a.balance_cents, a.version INTO balance_after, version_after;
             INSERT INTO bps.account_entries (bank_account_id, account_version, kind, amount_cents,
                                              previous_balance_cents, balance_cents, bulk_transfer_id)
             VALUES (account.id, version_after, 'bulk_debit', -bulk_transfer.total_cents,
-                    balance_after + bulk_transfer.total_cents, balance_after, bulk_id);
+                    balance_before, balance_after, bulk_id);
 
             status := 201;
             body := jsonb_build_object(
@@ -192,11 +198,11 @@ BEGIN
                 'transfers', transfer_items);
             PERFORM bps.set_response_headers(jsonb_build_object('Location', '/bulk_transfers/' || bulk_id));
         EXCEPTION WHEN SQLSTATE 'BPS01' THEN
-            -- A concurrent request spent the money after the lookup: this one's writes are rolled back.
+            -- A concurrent request spent the money after the lookup: this one's writes are rolled back,
+            -- and the figures reported are those the denial was decided on, under the lock.
             bulk_id := NULL;
             status := 422;
-            body := bps.insufficient_funds(
-                (SELECT a.balance_cents FROM bps.bank_accounts AS a WHERE a.id = account.id), total_cents);
+            body := bps.insufficient_funds(balance_before, total_cents);
         END;
     END IF;
 
