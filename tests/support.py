@@ -1,4 +1,4 @@
-"""Helpers the tests share: databases of their own, accounts, requests."""
+"""Helpers the tests share: databases of their own, accounts, requests, and what the answers must look like."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 import secrets
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -86,3 +88,98 @@ def sample(name: str) -> dict:
 
 async def balance_of(pool: asyncpg.Pool, account: Account) -> int:
     return await pool.fetchval("SELECT balance_cents FROM bps.bank_accounts WHERE id = $1", account.id)
+
+
+def for_account(payload: dict, account: Account) -> dict:
+    """A sample payload debiting `account` (the samples name the demo IBAN, unique per database)."""
+    return payload | {"organization_iban": account.iban, "organization_bic": account.bic}
+
+
+def post_raw(client, path: str, data: bytes, content_type: str | None = "application/json", **headers):
+    """POSTs `data` as it is (no JSON encoding by the client), with this Content-Type unless it is None."""
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    return client.post(path, data=data, headers=headers)
+
+
+# What a request may change
+
+
+COUNTED_ROWS = {"bulk_transfers": "bulk_transfers", "transfers": "transfers", "entries": "account_entries"}
+
+
+async def rows_of(pool: asyncpg.Pool, account: Account, *, keys: bool = False) -> dict:
+    """What a request can change for an account: balance and row counts (with `keys`, idempotency records too)."""
+    counted = COUNTED_ROWS | ({"keys": "idempotency_keys"} if keys else {})
+    counts = "".join(
+        f", (SELECT count(*) FROM bps.{table} r WHERE r.bank_account_id = a.id) AS {name}"
+        for name, table in counted.items()
+    )
+    return dict(
+        await pool.fetchrow(f"SELECT a.balance_cents{counts} FROM bps.bank_accounts a WHERE a.id = $1", account.id)
+    )
+
+
+@asynccontextmanager
+async def account_locked(pool: asyncpg.Pool, account: Account) -> AsyncIterator[None]:
+    """Holds the account's row lock, as a request debiting it would, until the block ends."""
+    async with pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("SELECT 1 FROM bps.bank_accounts WHERE id = $1 FOR UPDATE", account.id)
+        yield
+
+
+# Problem documents (RFC 9457)
+
+
+async def assert_problem(response, status: int, code: str | None) -> dict:
+    """An RFC 9457 problem document with the contract's members (and `code`, unless None); returns its body."""
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/problem+json"
+    body = await response.json(content_type=None)
+    assert isinstance(body["type"], str) and body["type"]
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    assert body["status"] == status
+    assert isinstance(body["code"], str) and body["code"]
+    if code is not None:
+        assert body["code"] == code
+    return body
+
+
+async def validation_errors(response) -> list[dict]:
+    """The errors of a 422 validation_failed problem, each with its code and detail."""
+    body = await assert_problem(response, 422, "validation_failed")
+    for error in body["errors"]:
+        assert error["code"] and error["detail"]
+    return body["errors"]
+
+
+async def assert_rejected_unchanged(client, pool, account: Account, payload, expected_pointers) -> list[dict]:
+    """Posts `payload`: a 422 validation_failed with one error at each expected pointer, and nothing written."""
+    before = await rows_of(pool, account)
+    errors = await validation_errors(await client.post("/bulk_transfer", json=payload))
+    assert sorted(error["pointer"] for error in errors) == sorted(expected_pointers)
+    assert await rows_of(pool, account) == before
+    return errors
+
+
+async def assert_insufficient_funds(response, balance: int, required: int) -> dict:
+    body = await assert_problem(response, 422, "insufficient_funds")
+    assert body["balance_cents"] == balance
+    assert body["required_cents"] == required
+    assert body["shortfall_cents"] == required - balance
+    return body
+
+
+async def assert_duplicate_of(response, bulk_transfer_id: int) -> dict:
+    """A 409 duplicate_request naming the bulk transfer accepted before."""
+    body = await assert_problem(response, 409, "duplicate_request")
+    assert body["bulk_transfer_id"] == bulk_transfer_id
+    return body
+
+
+async def assert_unavailable(response) -> dict:
+    """A 503 service_unavailable telling the client when to retry."""
+    body = await assert_problem(response, 503, "service_unavailable")
+    assert int(response.headers["Retry-After"]) >= 0
+    return body

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from support import balance_of, request_for, transfer
+from support import assert_rejected_unchanged, balance_of, request_for, transfer
 
 MAXIMUM_CENTS = 99_999_999_999  # "999999999.99", the SEPA maximum
 
@@ -53,32 +53,6 @@ REJECTED_AMOUNTS = [
 JSON_NUMBERS = [14.5, 1450, 0, 1e2]
 
 
-async def rows_of(pool, account) -> dict:
-    """What a request can change for an account: balance and row counts."""
-    return dict(
-        await pool.fetchrow(
-            """
-            SELECT a.balance_cents,
-                   (SELECT count(*) FROM bps.bulk_transfers b WHERE b.bank_account_id = a.id) AS bulk_transfers,
-                   (SELECT count(*) FROM bps.transfers t WHERE t.bank_account_id = a.id) AS transfers,
-                   (SELECT count(*) FROM bps.account_entries e WHERE e.bank_account_id = a.id) AS entries
-              FROM bps.bank_accounts a WHERE a.id = $1
-            """,
-            account.id,
-        )
-    )
-
-
-async def assert_amount_rejected(response, pointer: str) -> dict:
-    assert response.status == 422, await response.text()
-    assert response.content_type == "application/problem+json"
-    body = await response.json(content_type=None)
-    assert body["code"] == "validation_failed"
-    assert body["status"] == 422
-    assert [error["pointer"] for error in body["errors"]] == [pointer]
-    return body["errors"][0]
-
-
 @pytest.mark.parametrize(("amount", "cents"), EXACT_CONVERSIONS, ids=[a for a, _ in EXACT_CONVERSIONS])
 async def test_valid_amount_debits_and_stores_exact_cents(client, make_account, pool, amount, cents):
     start = 100_000_000_000
@@ -118,43 +92,28 @@ async def test_every_contract_example_in_one_request_totals_exactly(client, make
 @pytest.mark.parametrize("amount", REJECTED_AMOUNTS, ids=[repr(a) for a in REJECTED_AMOUNTS])
 async def test_invalid_amount_is_rejected_with_its_pointer_and_changes_nothing(client, make_account, pool, amount):
     account = await make_account(100_000_000_000)
-    before = await rows_of(pool, account)
-
-    response = await client.post("/bulk_transfer", json=request_for(account, [transfer("1.00"), transfer(amount)]))
-
-    await assert_amount_rejected(response, "/credit_transfers/1/amount")
-    assert await rows_of(pool, account) == before
+    payload = request_for(account, [transfer("1.00"), transfer(amount)])
+    await assert_rejected_unchanged(client, pool, account, payload, ["/credit_transfers/1/amount"])
 
 
 @pytest.mark.parametrize("amount", JSON_NUMBERS, ids=[repr(a) for a in JSON_NUMBERS])
 async def test_amount_sent_as_json_number_is_rejected_asking_for_a_string(client, make_account, pool, amount):
     account = await make_account(100_000)
-    before = await rows_of(pool, account)
-
-    response = await client.post("/bulk_transfer", json=request_for(account, [transfer(amount)]))
-
-    error = await assert_amount_rejected(response, "/credit_transfers/0/amount")
+    payload = request_for(account, [transfer(amount)])
+    [error] = await assert_rejected_unchanged(client, pool, account, payload, ["/credit_transfers/0/amount"])
     assert "string" in error["detail"].lower()
-    assert await rows_of(pool, account) == before
 
 
 async def test_every_bad_amount_of_a_request_is_listed(client, make_account, pool):
     account = await make_account(100_000)
-    before = await rows_of(pool, account)
     transfers = [transfer("0"), transfer("1.00"), transfer("1.234"), transfer(5), transfer("1000000000")]
-
-    response = await client.post("/bulk_transfer", json=request_for(account, transfers))
-
-    assert response.status == 422
-    body = await response.json(content_type=None)
-    assert body["code"] == "validation_failed"
-    assert sorted(error["pointer"] for error in body["errors"]) == [
-        "/credit_transfers/0/amount",
-        "/credit_transfers/2/amount",
-        "/credit_transfers/3/amount",
-        "/credit_transfers/4/amount",
-    ]
-    assert await rows_of(pool, account) == before
+    await assert_rejected_unchanged(
+        client,
+        pool,
+        account,
+        request_for(account, transfers),
+        [f"/credit_transfers/{n}/amount" for n in (0, 2, 3, 4)],
+    )
 
 
 async def test_money_is_stored_as_bigint_cents_and_never_as_floating_point(pool):

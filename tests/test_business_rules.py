@@ -7,50 +7,28 @@ import asyncio
 from collections import Counter
 
 import pytest
-from support import balance_of, request_for, sample, transfer
+from support import (
+    account_locked,
+    assert_duplicate_of,
+    assert_insufficient_funds,
+    assert_unavailable,
+    balance_of,
+    for_account,
+    request_for,
+    rows_of,
+    sample,
+    transfer,
+)
 
 from service.app import create_app
 
 EXERCISE_BALANCE = 10_000_000
 
 
-async def rows_of(pool, account) -> dict:
-    """What a request can change for an account: balance and row counts."""
-    return dict(
-        await pool.fetchrow(
-            """
-            SELECT a.balance_cents,
-                   (SELECT count(*) FROM bps.bulk_transfers b WHERE b.bank_account_id = a.id) AS bulk_transfers,
-                   (SELECT count(*) FROM bps.transfers t WHERE t.bank_account_id = a.id) AS transfers,
-                   (SELECT count(*) FROM bps.account_entries e WHERE e.bank_account_id = a.id) AS entries
-              FROM bps.bank_accounts a WHERE a.id = $1
-            """,
-            account.id,
-        )
-    )
-
-
 async def assert_consistent_journal(pool, account) -> None:
     audit = await pool.fetchrow("SELECT * FROM bps.account_audit WHERE bank_account_id = $1", account.id)
     assert audit["consistent"] is True, dict(audit)
     assert audit["journal_sum_cents"] == await balance_of(pool, account)
-
-
-async def assert_insufficient_funds(response, balance: int, required: int) -> None:
-    assert response.status == 422, await response.text()
-    assert response.content_type == "application/problem+json"
-    body = await response.json(content_type=None)
-    assert body["code"] == "insufficient_funds"
-    assert body["status"] == 422
-    assert {"type", "title", "detail"} <= body.keys()
-    assert body["balance_cents"] == balance
-    assert body["required_cents"] == required
-    assert body["shortfall_cents"] == required - balance
-
-
-def for_account(payload: dict, account) -> dict:
-    """A sample payload debiting `account` (the samples name the demo IBAN, unique per database)."""
-    return payload | {"organization_iban": account.iban, "organization_bic": account.bic}
 
 
 # The rule
@@ -173,8 +151,7 @@ async def test_seed_readme_request_sent_again_is_409(client, make_account, pool)
     again = await client.post("/bulk_transfer", json=payload)
 
     assert first.status == 201, await first.text()
-    assert again.status == 409
-    assert (await again.json(content_type=None))["code"] == "duplicate_request"
+    await assert_duplicate_of(again, (await first.json())["bulk_transfer_id"])
     assert await balance_of(pool, account) == EXERCISE_BALANCE - 70_000
 
 
@@ -254,28 +231,23 @@ async def test_request_whose_database_session_dies_midway_leaves_no_trace(client
     payload = request_for(account, [transfer("1.00"), transfer("2.00")])
     before = await rows_of(pool, account)
 
-    async with pool.acquire() as blocker:
-        async with blocker.transaction():
-            await blocker.execute("SELECT 1 FROM bps.bank_accounts WHERE id = $1 FOR UPDATE", account.id)
-            request = asyncio.ensure_future(client.post("/bulk_transfer", json=payload, headers=headers))
-            victim = None
-            for _ in range(500):
-                victim = await pool.fetchval(
-                    """SELECT pid FROM pg_stat_activity
-                        WHERE datname = current_database() AND application_name = 'bps'
-                          AND wait_event_type = 'Lock' AND query LIKE '%bulk_transfer%'"""
-                )
-                if victim is not None:
-                    break
-                await asyncio.sleep(0.01)
-            assert victim is not None, "the request never waited for the account lock"
-            assert await pool.fetchval("SELECT pg_terminate_backend($1)", victim)
-            response = await request
+    async with account_locked(pool, account):
+        request = asyncio.ensure_future(client.post("/bulk_transfer", json=payload, headers=headers))
+        victim = None
+        for _ in range(500):
+            victim = await pool.fetchval(
+                """SELECT pid FROM pg_stat_activity
+                    WHERE datname = current_database() AND application_name = 'bps'
+                      AND wait_event_type = 'Lock' AND query LIKE '%bulk_transfer%'"""
+            )
+            if victim is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert victim is not None, "the request never waited for the account lock"
+        assert await pool.fetchval("SELECT pg_terminate_backend($1)", victim)
+        response = await request
 
-    assert response.status == 503, await response.text()
-    assert response.content_type == "application/problem+json"
-    assert (await response.json(content_type=None))["code"] == "service_unavailable"
-    assert "Retry-After" in response.headers
+    await assert_unavailable(response)
     assert await rows_of(pool, account) == before
 
     retried = await client.post("/bulk_transfer", json=payload, headers=headers)

@@ -6,49 +6,24 @@ import dataclasses
 import json
 
 import pytest
-from support import balance_of, request_for, transfer
+from support import (
+    account_locked,
+    assert_duplicate_of,
+    assert_insufficient_funds,
+    assert_problem,
+    assert_rejected_unchanged,
+    assert_unavailable,
+    balance_of,
+    post_raw,
+    request_for,
+    rows_of,
+    transfer,
+)
 
 from service.app import create_app
 
 PATHS = ["/bulk_transfer", "/transfers/bulk"]
 UNREACHABLE_DATABASE_URL = "postgresql://postgres@127.0.0.1:1/bps"
-
-
-async def rows_of(pool, account) -> dict:
-    """What a request can change for an account: balance and row counts."""
-    return dict(
-        await pool.fetchrow(
-            """
-            SELECT a.balance_cents,
-                   (SELECT count(*) FROM bps.bulk_transfers b WHERE b.bank_account_id = a.id) AS bulk_transfers,
-                   (SELECT count(*) FROM bps.transfers t WHERE t.bank_account_id = a.id) AS transfers,
-                   (SELECT count(*) FROM bps.account_entries e WHERE e.bank_account_id = a.id) AS entries
-              FROM bps.bank_accounts a WHERE a.id = $1
-            """,
-            account.id,
-        )
-    )
-
-
-async def assert_problem(response, status: int, code: str | None) -> dict:
-    """An RFC 9457 problem document with the contract's members; returns its body."""
-    assert response.status == status, await response.text()
-    assert response.content_type == "application/problem+json"
-    body = await response.json(content_type=None)
-    assert isinstance(body["type"], str) and body["type"]
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    assert body["status"] == status
-    assert isinstance(body["code"], str) and body["code"]
-    if code is not None:
-        assert body["code"] == code
-    return body
-
-
-def post_raw(client, path: str, data: bytes, content_type: str | None = "application/json", **headers):
-    if content_type is not None:
-        headers["Content-Type"] = content_type
-    return client.post(path, data=data, headers=headers)
 
 
 # Success
@@ -90,8 +65,7 @@ async def test_both_paths_are_one_endpoint_sharing_duplicate_detection(client, m
     second = await client.post("/transfers/bulk", json=payload)
 
     assert first.status == 201
-    problem = await assert_problem(second, 409, "duplicate_request")
-    assert problem["bulk_transfer_id"] == (await first.json())["bulk_transfer_id"]
+    await assert_duplicate_of(second, (await first.json())["bulk_transfer_id"])
     assert await balance_of(pool, account) == 9_900
 
 
@@ -195,13 +169,8 @@ async def test_invalid_request_is_422_validation_failed_with_pointers(client, ma
     account = await make_account(10_000)
     payload = request_for(account, [transfer("1.00")])
     change(payload)
-    before = await rows_of(pool, account)
 
-    problem = await assert_problem(await client.post("/bulk_transfer", json=payload), 422, "validation_failed")
-
-    assert [error["pointer"] for error in problem["errors"]] == [pointer]
-    assert all(error["code"] and error["detail"] for error in problem["errors"])
-    assert await rows_of(pool, account) == before
+    await assert_rejected_unchanged(client, pool, account, payload, [pointer])
 
 
 # 422 insufficient_funds, 409 duplicate_request, 422 idempotency_key_reused (details in their own files)
@@ -212,8 +181,7 @@ async def test_total_over_the_balance_is_422_insufficient_funds(client, make_acc
 
     response = await client.post("/bulk_transfer", json=request_for(account, [transfer("6"), transfer("5")]))
 
-    problem = await assert_problem(response, 422, "insufficient_funds")
-    assert (problem["balance_cents"], problem["required_cents"], problem["shortfall_cents"]) == (1_000, 1_100, 100)
+    await assert_insufficient_funds(response, 1_000, 1_100)
     assert await balance_of(pool, account) == 1_000
 
 
@@ -222,8 +190,9 @@ async def test_same_payload_accepted_before_is_409_duplicate_request(client, mak
     payload = request_for(account, [transfer("1.00")])
     original = await client.post("/bulk_transfer", json=payload)
 
-    problem = await assert_problem(await client.post("/bulk_transfer", json=payload), 409, "duplicate_request")
-    assert problem["bulk_transfer_id"] == (await original.json())["bulk_transfer_id"]
+    await assert_duplicate_of(
+        await client.post("/bulk_transfer", json=payload), (await original.json())["bulk_transfer_id"]
+    )
 
 
 async def test_same_key_other_payload_is_422_idempotency_key_reused(client, make_account, pool):
@@ -404,11 +373,6 @@ async def unreachable_client(aiohttp_client, config):
     )
 
 
-async def assert_unavailable(response) -> None:
-    await assert_problem(response, 503, "service_unavailable")
-    assert int(response.headers["Retry-After"]) >= 0
-
-
 async def test_post_is_503_with_retry_after_when_the_database_is_unreachable(unreachable_client):
     for path in PATHS:
         response = await unreachable_client.post(path, json={"organization_iban": "x"})
@@ -430,10 +394,8 @@ async def test_overloaded_database_is_503_and_nothing_is_written(aiohttp_client,
     payload = request_for(account, [transfer("1.00")])
     before = await rows_of(pool, account)
 
-    async with pool.acquire() as blocker:
-        async with blocker.transaction():
-            await blocker.execute("SELECT 1 FROM bps.bank_accounts WHERE id = $1 FOR UPDATE", account.id)
-            await assert_unavailable(await client.post("/bulk_transfer", json=payload))
+    async with account_locked(pool, account):
+        await assert_unavailable(await client.post("/bulk_transfer", json=payload))
 
     assert await rows_of(pool, account) == before
     retried = await client.post("/bulk_transfer", json=payload)

@@ -8,43 +8,44 @@ import json
 from collections import Counter
 
 import pytest
-from support import balance_of, request_for, transfer
+from support import (
+    account_locked,
+    assert_duplicate_of,
+    assert_problem,
+    balance_of,
+    post_raw,
+    request_for,
+    rows_of,
+    transfer,
+    validation_errors,
+)
 
 KEY = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
 
 
-async def rows_of(pool, account) -> dict:
-    """What a request can change for an account: balance and row counts (idempotency records included)."""
-    return dict(
-        await pool.fetchrow(
-            """
-            SELECT a.balance_cents,
-                   (SELECT count(*) FROM bps.bulk_transfers b WHERE b.bank_account_id = a.id) AS bulk_transfers,
-                   (SELECT count(*) FROM bps.transfers t WHERE t.bank_account_id = a.id) AS transfers,
-                   (SELECT count(*) FROM bps.account_entries e WHERE e.bank_account_id = a.id) AS entries,
-                   (SELECT count(*) FROM bps.idempotency_keys k WHERE k.bank_account_id = a.id) AS keys
-              FROM bps.bank_accounts a WHERE a.id = $1
-            """,
-            account.id,
-        )
-    )
-
-
-async def assert_problem(response, status: int, code: str) -> dict:
-    assert response.status == status, await response.text()
-    assert response.content_type == "application/problem+json"
-    body = await response.json(content_type=None)
-    assert body["code"] == code
-    assert body["status"] == status
-    assert {"type", "title", "detail"} <= body.keys()
-    return body
+ONE_REQUEST_OF_TWO_TRANSFERS = {"balance_cents": 9_700, "bulk_transfers": 1, "transfers": 2, "entries": 2, "keys": 1}
 
 
 async def created(response) -> dict:
     assert response.status == 201, await response.text()
     assert REPLAYED not in response.headers
     return await response.json()
+
+
+async def assert_replayed(response, original: dict) -> None:
+    """The stored 201 answer given again, marked as a replay."""
+    assert response.status == 201, await response.text()
+    assert response.headers[REPLAYED] == "true"
+    assert await response.json() == original
+
+
+async def assert_replayed_or_in_progress(response, original: dict) -> None:
+    """A retry arriving while the first request with its key runs: 409 request_in_progress, or the replay."""
+    if response.status == 409:
+        await assert_problem(response, 409, "request_in_progress")
+    else:
+        await assert_replayed(response, original)
 
 
 async def wait_for_lock_waiters(pool, count: int, unless=None) -> None:
@@ -64,17 +65,11 @@ async def while_account_locked(pool, account, *requests):
     """Starts the requests one after the other while the account row is locked, each once the previous one
     waits (so the first is still running when the next arrives), then releases the lock; returns the answers."""
     tasks = []
-    async with pool.acquire() as blocker:
-        async with blocker.transaction():
-            await blocker.execute("SELECT 1 FROM bps.bank_accounts WHERE id = $1 FOR UPDATE", account.id)
-            for request in requests:
-                tasks.append(asyncio.ensure_future(request()))
-                await wait_for_lock_waiters(pool, len(tasks), unless=tasks[-1] if len(tasks) > 1 else None)
+    async with account_locked(pool, account):
+        for request in requests:
+            tasks.append(asyncio.ensure_future(request()))
+            await wait_for_lock_waiters(pool, len(tasks), unless=tasks[-1] if len(tasks) > 1 else None)
     return await asyncio.gather(*tasks)
-
-
-def post_bytes(client, data: str, **headers):
-    return client.post("/bulk_transfer", data=data.encode(), headers={"Content-Type": "application/json", **headers})
 
 
 @pytest.fixture
@@ -121,14 +116,13 @@ def reordered_and_reformatted(payload: dict) -> str:
 async def test_same_payload_again_without_key_is_409_naming_the_original(client, make_account, pool, resend):
     account = await make_account(10_000)
     payload = request_for(account, [transfer("1.00"), transfer("2.50", client_reference="x", description="Café/é")])
-    original = await created(await post_bytes(client, json.dumps(payload)))
-    before = await rows_of(pool, account)
+    original = await created(await post_raw(client, "/bulk_transfer", json.dumps(payload).encode()))
+    before = await rows_of(pool, account, keys=True)
 
-    duplicate = await post_bytes(client, resend(payload))
+    duplicate = await post_raw(client, "/bulk_transfer", resend(payload).encode())
 
-    problem = await assert_problem(duplicate, 409, "duplicate_request")
-    assert problem["bulk_transfer_id"] == original["bulk_transfer_id"]
-    assert await rows_of(pool, account) == before
+    await assert_duplicate_of(duplicate, original["bulk_transfer_id"])
+    assert await rows_of(pool, account, keys=True) == before
     assert before["balance_cents"] == 10_000 - 350
 
 
@@ -150,7 +144,7 @@ async def test_different_payload_without_key_is_a_new_request(client, make_accou
 
     await created(await client.post("/bulk_transfer", json=payload))
 
-    assert (await rows_of(pool, account))["bulk_transfers"] == 2
+    assert (await rows_of(pool, account, keys=True))["bulk_transfers"] == 2
 
 
 async def test_request_denied_for_funds_is_not_remembered(client, make_account, pool):
@@ -167,8 +161,8 @@ async def test_request_denied_for_funds_is_not_remembered(client, make_account, 
 async def test_invalid_request_is_not_remembered(client, make_account, pool):
     account = await make_account(1_000)
     payload = request_for(account, [transfer("5.00")], organization_name="Wrong Corp")
-    await assert_problem(await client.post("/bulk_transfer", json=payload), 422, "validation_failed")
-    await assert_problem(await client.post("/bulk_transfer", json=payload), 422, "validation_failed")
+    for _ in range(2):
+        await validation_errors(await client.post("/bulk_transfer", json=payload))
 
 
 async def test_payload_dedup_is_per_account(client, make_account, pool):
@@ -225,7 +219,7 @@ async def test_concurrent_identical_payloads_without_key_are_accepted_once(clien
     original_id = (await accepted.json())["bulk_transfer_id"]
     for response in responses:
         if response.status == 409:
-            assert (await assert_problem(response, 409, "duplicate_request"))["bulk_transfer_id"] == original_id
+            await assert_duplicate_of(response, original_id)
     assert await balance_of(pool, account) == 9_900
 
 
@@ -241,8 +235,7 @@ async def test_identical_payload_arriving_while_the_first_runs_is_409_once_it_co
     )
 
     original = await created(first)
-    problem = await assert_problem(second, 409, "duplicate_request")
-    assert problem["bulk_transfer_id"] == original["bulk_transfer_id"]
+    await assert_duplicate_of(second, original["bulk_transfer_id"])
     assert await balance_of(pool, account) == 9_900
 
 
@@ -254,16 +247,16 @@ async def test_retry_with_same_key_replays_the_201_and_changes_nothing(client, m
     payload = request_for(account, [transfer("1.00"), transfer("2.00")])
     first = await client.post("/bulk_transfer", json=payload, headers={KEY: "order-42"})
     first_body = await created(first)
-    before = await rows_of(pool, account)
+    before = await rows_of(pool, account, keys=True)
 
     for _ in range(2):
-        retry = await post_bytes(client, reordered_and_reformatted(payload), **{KEY: "order-42"})
-        assert retry.status == 201
-        assert retry.headers[REPLAYED] == "true"
+        retry = await post_raw(
+            client, "/bulk_transfer", reordered_and_reformatted(payload).encode(), **{KEY: "order-42"}
+        )
+        await assert_replayed(retry, first_body)
         assert retry.content_type == "application/json"
-        assert await retry.json() == first_body
         assert retry.headers["Location"] == first.headers["Location"]
-    assert await rows_of(pool, account) == before
+    assert await rows_of(pool, account, keys=True) == before
     assert before["balance_cents"] == 9_700
 
 
@@ -274,13 +267,13 @@ async def test_stored_insufficient_funds_replays_even_after_a_top_up(client, mak
     first_body = await assert_problem(first, 422, "insufficient_funds")
     assert REPLAYED not in first.headers
     await pool.execute("SELECT bps.credit_bank_account($1, $2)", account.id, 1_000)
-    before = await rows_of(pool, account)
+    before = await rows_of(pool, account, keys=True)
 
     retry = await client.post("/bulk_transfer", json=payload, headers={KEY: "k-funds"})
 
     assert await assert_problem(retry, 422, "insufficient_funds") == first_body
     assert retry.headers[REPLAYED] == "true"
-    assert await rows_of(pool, account) == before
+    assert await rows_of(pool, account, keys=True) == before
     # A new key is a new request, and now the money is there.
     await created(await client.post("/bulk_transfer", json=payload, headers={KEY: "k-funds-2"}))
     assert await balance_of(pool, account) == 1_100 - 500
@@ -290,13 +283,13 @@ async def test_same_key_with_a_different_payload_is_422_idempotency_key_reused(c
     account = await make_account(10_000)
     payload = request_for(account, [transfer("1.00")])
     first_body = await created(await client.post("/bulk_transfer", json=payload, headers={KEY: "k-reuse"}))
-    before = await rows_of(pool, account)
+    before = await rows_of(pool, account, keys=True)
 
     changed = request_for(account, [transfer("1.01")])
     await assert_problem(
         await client.post("/bulk_transfer", json=changed, headers={KEY: "k-reuse"}), 422, "idempotency_key_reused"
     )
-    assert await rows_of(pool, account) == before
+    assert await rows_of(pool, account, keys=True) == before
 
     retry = await client.post("/bulk_transfer", json=payload, headers={KEY: "k-reuse"})
     assert retry.status == 201
@@ -334,31 +327,27 @@ async def test_key_of_1_to_255_characters_is_accepted_and_replayed(client, make_
     first_body = await created(await client.post("/bulk_transfer", json=payload, headers=headers))
     retry = await client.post("/bulk_transfer", json=payload, headers=headers)
 
-    assert retry.status == 201
-    assert retry.headers[REPLAYED] == "true"
-    assert await retry.json() == first_body
+    await assert_replayed(retry, first_body)
     assert await balance_of(pool, account) == 9_900
 
 
 @pytest.mark.parametrize("key", ["", "K" * 256, "K" * 1000], ids=["empty", "256_chars", "1000_chars"])
 async def test_key_outside_1_to_255_characters_is_422_and_changes_nothing(client, make_account, pool, key):
     account = await make_account(10_000)
-    before = await rows_of(pool, account)
+    before = await rows_of(pool, account, keys=True)
 
     response = await client.post("/bulk_transfer", json=request_for(account, [transfer("1.00")]), headers={KEY: key})
 
-    problem = await assert_problem(response, 422, "validation_failed")
-    assert any("Idempotency-Key" in json.dumps(error) for error in problem["errors"])
-    assert await rows_of(pool, account) == before
+    errors = await validation_errors(response)
+    assert any("Idempotency-Key" in json.dumps(error) for error in errors)
+    assert await rows_of(pool, account, keys=True) == before
 
 
 async def test_key_is_not_stored_for_a_validation_failure(client, make_account, pool):
     account = await make_account(10_000)
     broken = request_for(account, [transfer("1,00")])
-    await assert_problem(
-        await client.post("/bulk_transfer", json=broken, headers={KEY: "k-fix"}), 422, "validation_failed"
-    )
-    assert (await rows_of(pool, account))["keys"] == 0
+    await validation_errors(await client.post("/bulk_transfer", json=broken, headers={KEY: "k-fix"}))
+    assert (await rows_of(pool, account, keys=True))["keys"] == 0
 
     fixed = request_for(account, [transfer("1.00")])
     await created(await client.post("/bulk_transfer", json=fixed, headers={KEY: "k-fix"}))
@@ -378,9 +367,7 @@ async def test_key_is_kept_at_least_24_hours(client, make_account, pool):
 
     retry = await client.post("/bulk_transfer", json=payload, headers={KEY: "k-day"})
 
-    assert retry.status == 201
-    assert retry.headers[REPLAYED] == "true"
-    assert await retry.json() == first_body
+    await assert_replayed(retry, first_body)
     assert await balance_of(pool, account) == 9_900
 
 
@@ -396,21 +383,9 @@ async def test_concurrent_retries_with_one_key_execute_once(client, make_account
     assert len(fresh) == 1
     original = await fresh[0].json()
     for response in responses:
-        if response is fresh[0]:
-            continue
-        if response.status == 409:
-            await assert_problem(response, 409, "request_in_progress")
-        else:
-            assert response.status == 201, await response.text()
-            assert response.headers[REPLAYED] == "true"
-            assert await response.json() == original
-    assert await rows_of(pool, account) == {
-        "balance_cents": 9_700,
-        "bulk_transfers": 1,
-        "transfers": 2,
-        "entries": 2,
-        "keys": 1,
-    }
+        if response is not fresh[0]:
+            await assert_replayed_or_in_progress(response, original)
+    assert await rows_of(pool, account, keys=True) == ONE_REQUEST_OF_TWO_TRANSFERS
 
 
 async def test_retry_while_the_first_is_still_running_waits_and_replays_or_is_409(client, make_account, pool):
@@ -422,17 +397,5 @@ async def test_retry_while_the_first_is_still_running_waits_and_replays_or_is_40
 
     first, retry = await while_account_locked(pool, account, send, send)
 
-    original = await created(first)
-    if retry.status == 409:
-        await assert_problem(retry, 409, "request_in_progress")
-    else:
-        assert retry.status == 201, await retry.text()
-        assert retry.headers[REPLAYED] == "true"
-        assert await retry.json() == original
-    assert await rows_of(pool, account) == {
-        "balance_cents": 9_700,
-        "bulk_transfers": 1,
-        "transfers": 2,
-        "entries": 2,
-        "keys": 1,
-    }
+    await assert_replayed_or_in_progress(retry, await created(first))
+    assert await rows_of(pool, account, keys=True) == ONE_REQUEST_OF_TWO_TRANSFERS

@@ -4,7 +4,16 @@ counterparty checking. Every rejection is a 422 validation_failed listing every 
 from __future__ import annotations
 
 import pytest
-from support import Account, balance_of, random_iban, request_for, sample, transfer
+from support import (
+    Account,
+    assert_rejected_unchanged,
+    balance_of,
+    for_account,
+    random_iban,
+    request_for,
+    sample,
+    transfer,
+)
 
 TRANSFER_FIELDS = ["amount", "counterparty_name", "counterparty_iban", "counterparty_bic", "description"]
 TEXT_FIELDS = ["counterparty_name", "counterparty_iban", "counterparty_bic", "description"]
@@ -24,47 +33,6 @@ INVALID_IBANS = [
     "not an iban",
 ]
 INVALID_BICS = ["DEUTDEF", "DEUTDEFF5", "DEUT1EFF", "DE-TDEFF", "DEUTDEFF50", "DEUTDE"]
-
-
-async def rows_of(pool, account) -> dict:
-    """What a request can change for an account: balance and row counts."""
-    return dict(
-        await pool.fetchrow(
-            """
-            SELECT a.balance_cents,
-                   (SELECT count(*) FROM bps.bulk_transfers b WHERE b.bank_account_id = a.id) AS bulk_transfers,
-                   (SELECT count(*) FROM bps.transfers t WHERE t.bank_account_id = a.id) AS transfers,
-                   (SELECT count(*) FROM bps.account_entries e WHERE e.bank_account_id = a.id) AS entries
-              FROM bps.bank_accounts a WHERE a.id = $1
-            """,
-            account.id,
-        )
-    )
-
-
-async def rejected(response) -> list[dict]:
-    """The errors of a 422 validation_failed problem."""
-    assert response.status == 422, await response.text()
-    assert response.content_type == "application/problem+json"
-    body = await response.json(content_type=None)
-    assert body["code"] == "validation_failed"
-    assert body["status"] == 422
-    assert {"type", "title", "detail"} <= body.keys()
-    for error in body["errors"]:
-        assert error["code"] and error["detail"]
-    return body["errors"]
-
-
-def pointers(errors: list[dict]) -> set[str]:
-    return {error["pointer"] for error in errors}
-
-
-async def assert_rejected_unchanged(client, pool, account, payload, expected_pointers: set[str]) -> list[dict]:
-    before = await rows_of(pool, account)
-    errors = await rejected(await client.post("/bulk_transfer", json=payload))
-    assert pointers(errors) == expected_pointers
-    assert await rows_of(pool, account) == before
-    return errors
 
 
 def without(mapping: dict, key: str) -> dict:
@@ -386,17 +354,14 @@ async def test_samples_pass_a_basic_account_but_not_a_strict_one(client, make_ac
     basic = await make_account(10_000_000)
     strict = await make_account(10_000_000, counterparty_check="strict")
 
-    def sample1_for(account):
-        return sample("sample1.json") | {"organization_iban": account.iban, "organization_bic": account.bic}
-
     await assert_rejected_unchanged(
         client,
         pool,
         strict,
-        sample1_for(strict),
+        for_account(sample("sample1.json"), strict),
         # EE38...: bad check digits; DE99... (27 characters, DE has 22) and FR00...: bad length or check digits.
         {f"/credit_transfers/{n}/counterparty_iban" for n in range(3)},
     )
-    response = await client.post("/bulk_transfer", json=sample1_for(basic))
+    response = await client.post("/bulk_transfer", json=for_account(sample("sample1.json"), basic))
     assert response.status == 201, await response.text()
     assert await balance_of(pool, basic) == 3_774_850
