@@ -15,6 +15,7 @@ import asyncpg
 from service import db
 from service.app import BULK_TRANSFER_SQL
 
+from . import system
 from .load import FLOOR_SERVER_SETTINGS, FLOOR_SQL, FLOOR_TABLE
 from .payloads import ORGANIZATION_BIC, ORGANIZATION_NAME, Template, account_iban
 
@@ -70,6 +71,21 @@ async def prepare(url: str, accounts: int, run_tag: int) -> dict:
         await connection.close()
     opened = [(row["id"], account_iban(run_tag, row["i"])) for row in rows]
     return {"hot": opened[0], "explain": opened[1], "many": opened[2:]}
+
+
+async def autovacuum_stand_in(url: str) -> None:
+    """What autovacuum would have done by now, run between cases (outside every measured window): fresh
+    statistics for the growing tables, which also invalidates every backend's cached plans, and a vacuum of
+    the accounts table whose hot row is updated by every request. Without it, on a server with autovacuum
+    off, plans cached while the tables were empty (a foreign-key check's sequential scan) stay forever."""
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(
+            f"ANALYZE bps.bank_accounts, bps.bulk_transfers, bps.transfers, bps.account_entries, {FLOOR_TABLE}"
+        )
+        await connection.execute("VACUUM bps.bank_accounts")
+    finally:
+        await connection.close()
 
 
 async def server_facts(url: str) -> dict:
@@ -147,10 +163,11 @@ HELPERS_SQL = (
 
 
 async def function_breakdown(url: str, account: tuple[int, str], batches: list[int], counter_base: int) -> dict:
-    """For each batch size: the median of 3 plain warm calls of bps.bulk_transfer and of the floor's insert
-    of the same body, then one call with auto_explain logging every statement inside the function (EXPLAIN
-    ANALYZE of each, triggers included: instrumented, so slower than plain) and the calls of helper
-    functions PostgreSQL did not inline. Needs a superuser (LOAD); else it is skipped."""
+    """For each batch size: plain warm calls of bps.bulk_transfer and of the floor's insert of the same body
+    (median wall time, and the backend's CPU time per call when its /proc entry is readable), then one call
+    with auto_explain logging every statement inside the function (EXPLAIN ANALYZE of each, triggers
+    included: instrumented, so slower than plain) and the calls of helper functions PostgreSQL did not
+    inline. Needs a superuser (LOAD); else it is skipped."""
     connection = await asyncpg.connect(url, server_settings=FLOOR_SERVER_SETTINGS)
     logs: list[str] = []
     connection.add_log_listener(lambda _connection, message: logs.append(message.message))
@@ -182,22 +199,38 @@ async def function_breakdown(url: str, account: tuple[int, str], batches: list[i
             "SET auto_explain.log_nested_statements = on; SET auto_explain.log_triggers = on; "
             "SET client_min_messages = log; SET track_functions = 'all'"
         )
+        backend = str(await connection.fetchval("SELECT pg_backend_pid()"))
+
+        def arguments(sql: str, template: Template) -> tuple:
+            text = body(template)  # takes the next counter, which the floor also uses as its bulk id
+            return (text, None) if sql == call else (text, account_id, counter)
+
+        async def measured(sql: str, template: Template) -> tuple[float, float | None, set]:
+            """Median wall ms and the backend's CPU ms per call over enough warm calls to read /proc's ticks."""
+            reps = max(5, min(300, 20_000 // template.batch))
+            await timed(sql, *arguments(sql, template))
+            cpu_before = system.process_cpu_seconds(backend)
+            runs = [await timed(sql, *arguments(sql, template)) for _ in range(reps)]
+            cpu_after = system.process_cpu_seconds(backend)
+            cpu = None if cpu_before is None or cpu_after is None else (cpu_after - cpu_before) * 1000 / reps
+            return sorted(ms for ms, _ in runs)[reps // 2], cpu, {value for _, value in runs}
+
         for batch in batches:
             template = Template.build(batch)
-            plain = [await timed(call, body(template), None) for _ in range(4)][1:]
-            floor = [await timed(FLOOR_SQL, body(template), account_id, counter) for _ in range(4)][1:]
+            call_ms, call_cpu_ms, statuses = await measured(call, template)
+            floor_ms, floor_cpu_ms, _ = await measured(FLOOR_SQL, template)
             async with connection.transaction():
                 before = {row["function"]: row for row in await connection.fetch(HELPERS_SQL)}
                 await connection.execute("SET LOCAL auto_explain.log_min_duration = 0")
                 logs.clear()
-                instrumented, status = await timed(call, body(template), None)
+                instrumented, status = await timed(call, *arguments(call, template))
                 await asyncio.sleep(0.05)  # the log messages are delivered by the event loop
                 plans = list(logs)
                 await connection.execute("SET LOCAL auto_explain.log_min_duration = -1")
                 after = await connection.fetch(HELPERS_SQL)
             await connection.execute("SET auto_explain.log_min_duration = 0")
             logs.clear()
-            await connection.execute(FLOOR_SQL, body(template), account_id, counter)
+            await connection.execute(FLOOR_SQL, *arguments(FLOOR_SQL, template))
             await asyncio.sleep(0.05)
             floor_plans = list(logs)
             await connection.execute("SET auto_explain.log_min_duration = -1")
@@ -215,9 +248,11 @@ async def function_breakdown(url: str, account: tuple[int, str], batches: list[i
                         }
                     )
             result[str(batch)] = {
-                "statuses": sorted({value for _, value in plain} | {status}),
-                "call_ms": round(sorted(ms for ms, _ in plain)[1], 3),
-                "floor_ms": round(sorted(ms for ms, _ in floor)[1], 3),
+                "statuses": sorted(statuses | {status}),
+                "call_ms": round(call_ms, 3),
+                "call_cpu_ms": None if call_cpu_ms is None else round(call_cpu_ms, 3),
+                "floor_ms": round(floor_ms, 3),
+                "floor_cpu_ms": None if floor_cpu_ms is None else round(floor_cpu_ms, 3),
                 "instrumented_call_ms": round(instrumented, 3),
                 "statements": _statements(plans),
                 "triggers": _triggers(plans),

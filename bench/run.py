@@ -30,6 +30,9 @@ Environment (all optional):
   BPS_BENCH_PROFILE        1: py-spy records the workers during each HTTP case (it costs CPU: profile runs
                            explain a case, their rates are not the table's)
   BPS_BENCH_EXPLAIN        0: skip the per-statement breakdown of bps.bulk_transfer (auto_explain)
+  BPS_BENCH_ANALYZE        0: skip the ANALYZE (and VACUUM of bps.bank_accounts) run before each case in
+                           autovacuum's stead; it is off on some servers, and plans cached while the tables
+                           were empty then never change
   BPS_BENCH_OUT            results directory (default bench/results)
 """
 
@@ -82,6 +85,7 @@ class Settings:
     port: int
     profile: bool
     explain: bool
+    analyze: bool
     out: Path
 
     @classmethod
@@ -102,6 +106,7 @@ class Settings:
             port=int(env.get("BPS_BENCH_PORT") or _free_port()),
             profile=(env.get("BPS_BENCH_PROFILE") or "0") not in ("0", ""),
             explain=(env.get("BPS_BENCH_EXPLAIN") or "1") not in ("0", ""),
+            analyze=(env.get("BPS_BENCH_ANALYZE") or "1") not in ("0", ""),
             out=Path(env.get("BPS_BENCH_OUT") or ROOT / "bench" / "results"),
         )
 
@@ -178,6 +183,8 @@ async def run_case(
     shares = [[s for s in range(case.concurrency) if s % len(clients.pipes) == p] for p in range(len(clients.pipes))]
     busy = [p for p, slots in enumerate(shares) if slots]
     account_list = [accounts["hot"]] if case.kind == "hot" else accounts["many"]
+    if settings.analyze:
+        await database.autovacuum_stand_in(url)
     for p in busy:
         spec = load.Spec(
             kind=case.kind,
@@ -220,6 +227,10 @@ async def run_case(
         seconds=settings.seconds,
         cores=cores,
         client_cpu_cores=round(client_cpu / settings.seconds, 3),
+        cpu_ms_per_request={
+            group: round(1000 * cores[group] / rate, 3) if (rate := result["requests_per_second"]) else None
+            for group in ("service", "pg", "client")
+        },
         waits=await waits,
         stuck_requests=stuck,
     )
@@ -297,7 +308,9 @@ async def bench(settings: Settings) -> dict:
                 print(f"      {status}: {sample[:300]}", flush=True)
         document["cases"] = results
         if settings.explain:
-            print("function breakdown (auto_explain, one warm call per batch size)...", flush=True)
+            print("function breakdown (plain calls, then auto_explain), per batch size...", flush=True)
+            if settings.analyze:
+                await database.autovacuum_stand_in(url)
             document["function_breakdown"] = await database.function_breakdown(
                 url, accounts["explain"], settings.batches, (len(cases) + 1) * CASE_STRIDE
             )

@@ -22,6 +22,11 @@ def _stat(pid: str) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK
 
 
+def process_cpu_seconds(pid: str) -> float | None:
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
+
+
 def _cmdline(pid: str) -> str:
     try:
         return (PROC / pid / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
