@@ -1,0 +1,441 @@
+"""Hostile input: hypothesis strategies for request bodies and headers, and the checks one answer must pass.
+
+Shared by the long run (`python -m tests.reliability`) and the fast test (tests/test_hostile_input.py).
+Properties: never a 5xx, and a request that is not accepted never changes the database (an accepted one
+changes exactly what its 201 says).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import http.client
+import json
+import re
+import zlib
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+
+PATHS = ["/bulk_transfer", "/transfers/bulk"]
+
+# Amount spellings around the contract's edges, valid and not.
+TRICKY_AMOUNTS = [
+    "14.5",
+    "13.2",
+    "61238",
+    "8024.99",
+    "0.29",
+    "1.13",
+    "700",
+    "0.01",
+    "999999999.99",
+    "000000001.00",
+    "0",
+    "0.00",
+    "-5",
+    "-0.5",
+    "",
+    " 1",
+    "1 ",
+    "1,5",
+    "5.",
+    ".5",
+    "1e2",
+    "1.234",
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "abc",
+    "1000000000",
+    "999999999.999",
+    "1000000000.00",
+    "+1",
+    "0x10",
+    "1_000",
+    "１",
+    "١٢",
+    "٣.٥",
+    "1\u00a0",
+    "\u200b1",
+    "1.0e1",
+    "9" * 400,
+    "0." + "0" * 300 + "1",
+    "1" + "0" * 30,
+    "00000000000000000000000000001",
+    "1.",
+    "1..2",
+    "1.2.3",
+    "--1",
+    "½",
+    "Ⅻ",
+    "𝟏",
+    "1\x00",
+    "1\n",
+    "\t1",
+]
+
+ODD_TEXT = [
+    "",
+    " ",
+    "\u0000",
+    "a\u0000b",
+    "\ud800",
+    "\udfff",
+    "\ud83d\ude00",
+    "😀" * 10,
+    "\u202eevil",
+    "e\u0301",
+    "\ufeff",
+    "\uffff",
+    "\U0010ffff",
+    "Ω" * 71,
+    "x" * 141,
+    "'; DROP TABLE bps.transfers; --",
+    "\\",
+    '"',
+    "\n\r\t",
+    "null",
+    "<script>",
+    "%s%n",
+    "${jndi:ldap://x}",
+    "ACME Corp",
+    " acme corp ",
+    "ACME CORP\u0000",
+]
+
+# Enormous strings: mostly moderately so (each costs the whole round trip), sometimes a megabyte or four.
+HUGE_SIZES = st.sampled_from([1_000, 10_000, 100_000, 100_000, 1_000_000, 4_000_000])
+
+FIELDS = [
+    "amount",
+    "counterparty_name",
+    "counterparty_iban",
+    "counterparty_bic",
+    "description",
+    "currency",
+    "client_reference",
+]
+TOP = ["organization_name", "organization_iban", "organization_bic", "credit_transfers"]
+
+
+@dataclass
+class Hostile:
+    body: bytes
+    headers: list  # [(name bytes, value bytes)]
+    path: str
+    note: str
+    key: bytes | None = None
+
+    def __repr__(self) -> str:  # short enough for hypothesis' falsifying example
+        head = self.body[:300]
+        return (
+            f"Hostile(note={self.note!r}, path={self.path!r}, headers={self.headers!r}, body[:300]={head!r}, "
+            f"len={len(self.body)})"
+        )
+
+
+@functools.cache
+def big_ints() -> st.SearchStrategy:
+    return st.one_of(
+        st.integers(),
+        st.integers(min_value=-(10**400), max_value=10**400),
+        st.sampled_from([2**63, -(2**63) - 1, 2**64, 10**1000]),
+    )
+
+
+@functools.cache
+def odd_text(max_size: int = 40) -> st.SearchStrategy:
+    return st.one_of(
+        st.text(max_size=max_size),
+        st.text(st.characters(codec=None, exclude_categories=()), max_size=max_size),
+        st.sampled_from(ODD_TEXT),
+        st.builds(
+            lambda c, n: c * n,
+            st.sampled_from(["x", "é", "😀", "\u0000", "\\", '"']),
+            st.sampled_from([0, 1, 35, 36, 70, 71, 140, 141, 255, 256, 3_000]),
+        ),
+    )
+
+
+@functools.cache
+def amounts() -> st.SearchStrategy:
+    return st.one_of(
+        st.sampled_from(TRICKY_AMOUNTS), st.from_regex(r"-?[0-9]{0,12}(\.[0-9]{0,3})?", fullmatch=True), odd_text()
+    )
+
+
+@functools.cache
+def json_values(max_leaves: int = 12) -> st.SearchStrategy:
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        big_ints(),
+        st.floats(allow_nan=True, allow_infinity=True),
+        odd_text(),
+        st.sampled_from(TRICKY_AMOUNTS),
+    )
+    return st.recursive(
+        scalars,
+        lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(odd_text(12), children, max_size=4)),
+        max_leaves=max_leaves,
+    )
+
+
+def valid_transfer(i: int) -> dict:
+    return {
+        "amount": "1.00",
+        "counterparty_name": "Bip Bip",
+        "counterparty_iban": "EE383680981021245685",
+        "counterparty_bic": "CRLYFRPPTOU",
+        "description": f"hostile #{i}",
+    }
+
+
+def valid_payload(account: dict, n: int = 1) -> dict:
+    return {
+        "organization_name": account["name"],
+        "organization_iban": account["iban"],
+        "organization_bic": account["bic"],
+        "credit_transfers": [valid_transfer(i) for i in range(n)],
+    }
+
+
+def nest(value, depth: int, kind: str):
+    """`value` inside `depth` arrays (or objects)."""
+    for _ in range(depth):
+        value = [value] if kind == "list" else {"a": value}
+    return value
+
+
+@st.composite
+def mutated_payload(draw, accounts: list[dict]):
+    """A request-shaped payload (for a real account, so rules past validation are reached) with mutations."""
+    account = draw(st.sampled_from(accounts))
+    payload = valid_payload(account, draw(st.integers(1, 4)))
+    notes = []
+    for _ in range(draw(st.integers(0, 4))):
+        transfers = payload.get("credit_transfers")
+        target = payload
+        if isinstance(transfers, list) and transfers and isinstance(transfers[0], dict) and draw(st.booleans()):
+            target = transfers[draw(st.integers(0, len(transfers) - 1))]
+            if not isinstance(target, dict):
+                continue
+        fields = FIELDS if target is not payload else TOP
+        op = draw(st.sampled_from(["amount", "text", "value", "delete", "extra", "huge", "nest", "many", "number"]))
+        field = draw(st.sampled_from(fields))
+        notes.append(f"{op}:{field}")
+        if op == "amount":
+            target["amount" if target is not payload else field] = draw(amounts())
+        elif op == "text":
+            target[field] = draw(odd_text())
+        elif op == "value":
+            target[field] = draw(json_values())
+        elif op == "delete":
+            target.pop(field, None)
+        elif op == "extra":
+            target[draw(odd_text(20))] = draw(json_values(4))
+        elif op == "huge":
+            target[field] = draw(st.sampled_from(["x", "9", "é", "\\u0000"])) * draw(HUGE_SIZES)
+        elif op == "nest":  # (deeper nesting is in hostile_bodies' "deep", written as text)
+            target[field] = nest(
+                draw(json_values(2)), draw(st.integers(1, 500)), draw(st.sampled_from(["list", "obj"]))
+            )
+        elif op == "many" and target is payload:
+            # One transfer repeated (the same object: cheap to build and to write as JSON).
+            payload["credit_transfers"] = [valid_transfer(0)] * draw(st.sampled_from([0, 2, 3, 50, 500, 10_001, 9_999]))
+        elif op == "number":
+            target[field] = draw(
+                st.one_of(big_ints(), st.floats(allow_nan=False), st.decimals(allow_nan=False).map(float))
+            )
+    return payload, ",".join(notes)
+
+
+def serialize(value, draw) -> bytes:
+    """JSON text, sometimes with NaN/Infinity, unescaped lone surrogates or odd whitespace."""
+    ascii_only = draw(st.booleans())
+    indent = draw(st.sampled_from([None] * 8 + [0, 2]))
+    try:
+        text = json.dumps(value, ensure_ascii=ascii_only, allow_nan=True)
+        if indent is not None and len(text) < 50_000:  # (the indenting encoder is pure Python: slow on big values)
+            text = json.dumps(value, ensure_ascii=ascii_only, allow_nan=True, indent=indent)
+    except (ValueError, RecursionError):
+        text = repr(value)[:100_000]
+    return text.encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def hostile_bodies(draw, accounts: list[dict]):
+    kind = draw(st.sampled_from(["payload", "payload", "payload", "json", "bytes", "broken", "deep", "dupkeys"]))
+    if kind == "payload":
+        payload, note = draw(mutated_payload(accounts))
+        return serialize(payload, draw), f"payload[{note}]"
+    if kind == "json":
+        return serialize(draw(json_values()), draw), "json value"
+    if kind == "bytes":
+        return draw(st.binary(max_size=300)), "bytes"
+    if kind == "deep":
+        depth = draw(st.integers(1, 200_000))
+        opener, closer = draw(st.sampled_from([("[", "]"), ('{"a":', "}"), ('{"credit_transfers":[', "]}")]))
+        body = opener * depth + draw(st.sampled_from(["1", "null", '"x"', ""])) + closer * draw(st.integers(0, depth))
+        return body.encode(), f"deep {depth}"
+    if kind == "dupkeys":
+        account = draw(st.sampled_from(accounts))
+        text = json.dumps(valid_payload(account))
+        return (text[:-1] + ', "organization_iban": ' + json.dumps(draw(odd_text())) + "}").encode(), "duplicate keys"
+    # A valid request's text, broken: truncated, spliced with bytes, prefixed by a BOM, trailing garbage.
+    body = json.dumps(valid_payload(draw(st.sampled_from(accounts)))).encode()
+    how = draw(st.sampled_from(["truncate", "splice", "bom", "trailing"]))
+    if how == "truncate":
+        body = body[: draw(st.integers(0, len(body) - 1))]
+    elif how == "splice":
+        at = draw(st.integers(0, len(body)))
+        body = body[:at] + draw(st.binary(min_size=1, max_size=8)) + body[at:]
+    elif how == "bom":
+        body = b"\xef\xbb\xbf" + body
+    else:
+        body = body + draw(st.sampled_from([b"x", b"{}", b"\x00", b" ,", b"]"]))
+    return body, f"broken {how}"
+
+
+HEADER_OK = re.compile(rb"^[^\r\n]*$")
+
+
+JSON_TYPES = [b"application/json"] * 12 + [
+    b"application/json; charset=utf-8",
+    b"application/problem+json",
+    b"APPLICATION/JSON",
+    b"application/x+json",
+]
+OTHER_TYPES = [
+    b"text/plain",
+    b"",
+    b"application/jsonx",
+    b"multipart/form-data; boundary=x",
+    b"application/json; charset=latin-1",
+    None,
+]
+ENCODINGS = [None] * 14 + ["gzip", "deflate", "bad-gzip", "bad-deflate", "br", "identity", "x-unknown"]
+
+
+@functools.cache
+def idempotency_keys() -> st.SearchStrategy:
+    """Header values as bytes: text (UTF-8), raw bytes (not always UTF-8), and the 255-character edge."""
+    return st.one_of(
+        st.none(),
+        st.none(),
+        st.text(min_size=0, max_size=300).map(lambda s: s.encode("utf-8", "surrogatepass")),
+        st.binary(max_size=300),
+        st.sampled_from([b"", b" ", b"k" * 255, b"k" * 256, b"\xff\xfe", "clé".encode(), "clé".encode("latin-1")]),
+    ).filter(lambda k: k is None or HEADER_OK.match(k) is not None)
+
+
+@st.composite
+def hostile_requests(draw, accounts: list[dict], headers: bool = True):
+    """One hostile HTTP request. With `headers`, the Content-Type, Idempotency-Key and Content-Encoding are
+    hostile too; without, it is a JSON POST with no key and only the body is hostile."""
+    body, note = draw(hostile_bodies(accounts))
+    if not headers:
+        return Hostile(body, [(b"Content-Type", b"application/json")], draw(st.sampled_from(PATHS)), note)
+    sent = []
+    content_type = draw(st.sampled_from(JSON_TYPES + OTHER_TYPES))
+    if content_type is not None:
+        sent.append((b"Content-Type", content_type))
+    key = draw(idempotency_keys())
+    if key is not None:
+        sent.append((b"Idempotency-Key", key))
+    encoding = draw(st.sampled_from(ENCODINGS))
+    if encoding == "gzip":
+        body = gzip.compress(body)
+    elif encoding == "deflate":
+        body = zlib.compress(body)
+    if encoding is not None:
+        sent.append((b"Content-Encoding", encoding.removeprefix("bad-").encode()))
+        note += f" +{encoding}"
+    return Hostile(body, sent, draw(st.sampled_from(PATHS)), note, key)
+
+
+def signature(request: Hostile) -> str:
+    """A short description of what is odd about a request's headers, to group the failures found."""
+    parts = []
+    if request.key is not None:
+        try:
+            request.key.decode("utf-8")
+            parts.append("utf-8 key")
+        except UnicodeDecodeError:
+            parts.append("key not UTF-8")
+    encoding = next((v for k, v in request.headers if k == b"Content-Encoding"), None)
+    if encoding is not None:
+        parts.append(
+            f"Content-Encoding {encoding.decode()}" + (" (body not encoded)" if "+bad-" in request.note else "")
+        )
+    return ", ".join(parts) or "plain body"
+
+
+def send(port: int, request: Hostile, timeout: float = 5) -> tuple[int, dict, bytes]:
+    """Sends one request over a fresh connection; returns (status, headers, body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.putrequest("POST", request.path, skip_accept_encoding=True)
+        for name, value in request.headers:
+            connection.putheader(name, value)
+        connection.putheader("Content-Length", str(len(request.body)))
+        connection.endheaders(request.body)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+FINGERPRINT_SQL = """
+SELECT (SELECT count(*) FROM bps.bulk_transfers) AS bulks,
+       (SELECT count(*) FROM bps.transfers) AS transfers,
+       (SELECT count(*) FROM bps.account_entries) AS entries,
+       (SELECT count(*) FROM bps.idempotency_keys) AS keys,
+       (SELECT coalesce(sum(balance_cents), 0) FROM bps.bank_accounts) AS balances,
+       (SELECT coalesce(sum(version), 0) FROM bps.bank_accounts) AS versions,
+       (SELECT count(*) FROM bps.bank_accounts) AS accounts,
+       (SELECT coalesce(max(id), 0) FROM bps.bulk_transfers) AS last_bulk
+"""
+
+
+def fingerprint(connection) -> dict:
+    """What a request could change, from a psycopg (sync, autocommit) connection."""
+    cursor = connection.execute(FINGERPRINT_SQL)
+    names = [c.name for c in cursor.description]
+    return dict(zip(names, cursor.fetchone(), strict=True))
+
+
+def judge(request: Hostile, status: int, headers: dict, body: bytes, before: dict, after: dict) -> str | None:
+    """None when the answer and the database change are right; else what is wrong."""
+    if status >= 500:
+        return f"HTTP {status}: {body[:300]!r}"
+    delta = {k: after[k] - before[k] for k in before}
+    if status != 201 or headers.get("Idempotent-Replayed") == "true":
+        allowed_keys = 0
+        if request.key is not None and status in (409, 422):
+            try:
+                code = json.loads(body).get("code")
+            except (ValueError, AttributeError):
+                code = None
+            allowed_keys = 1 if code == "insufficient_funds" else 0  # a keyed business rejection is stored
+        changed = {k: v for k, v in delta.items() if v and not (k == "keys" and v <= allowed_keys)}
+        if changed:
+            return f"HTTP {status} (not accepted) but the database changed: {changed}"
+        return None
+    try:
+        answer = json.loads(body)
+        count, total = answer["transfer_count"], answer["total_cents"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP 201 without transfer_count/total_cents: {body[:300]!r}"
+    expected = {
+        "bulks": 1,
+        "transfers": count,
+        "entries": 1,
+        "balances": -total,
+        "versions": 1,
+        "accounts": 0,
+        "keys": 1 if request.key is not None else 0,
+    }
+    wrong = {k: (delta[k], v) for k, v in expected.items() if delta[k] != v}
+    return f"HTTP 201 but the database changed by {wrong} (got, expected)" if wrong else None

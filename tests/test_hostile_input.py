@@ -1,0 +1,233 @@
+"""The fast part of the reliability harness (issue 4): hostile input against a real service process, and a
+kill -9 under load. The long runs are `make reliability` (tests/reliability/).
+
+Properties: the service never answers a 5xx to any client input; a request that is not accepted never
+changes the database (an accepted one changes exactly what its 201 says); a service process killed with
+SIGKILL in the middle of requests leaves each of them wholly in the database or wholly absent, and
+clients retrying with their Idempotency-Key get each request executed exactly once.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from reliability import hostile
+from reliability.cluster import free_port
+from support import random_iban
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = int(os.environ.get("BPS_HOSTILE_EXAMPLES", "300"))
+HYPOTHESIS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+class Server:
+    """`python -m service serve` in a subprocess; ready once aiohttp logs that it is running (no polling)."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.lines: queue.Queue = queue.Queue()
+
+    def start(self, timeout: float = 30) -> None:
+        env = {**os.environ, "DATABASE_URL": self.database_url, "BPS_PORT": str(self.port), "BPS_WORKERS": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines = queue.Queue()
+        threading.Thread(target=self._pump, args=(self.process, self.lines), daemon=True).start()
+        while True:
+            line = self.lines.get(timeout=timeout)  # raises queue.Empty when the server does not come up
+            if line is None:
+                raise RuntimeError(f"service exited with {self.process.wait()}")
+            if f"Running on http://127.0.0.1:{self.port}" in line:
+                return
+
+    @staticmethod
+    def _pump(process: subprocess.Popen, lines: queue.Queue) -> None:
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    def kill9(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+def create_account(url: str, balance_cents: int, name: str = "Hostile Corp") -> dict:
+    iban = random_iban()
+    with psycopg.connect(url, autocommit=True) as connection:
+        account_id = connection.execute(
+            "SELECT bps.create_bank_account(%s, %s, %s, %s)", (name, iban, "OIVUSCLQXXX", balance_cents)
+        ).fetchone()[0]
+    return {"id": account_id, "name": name, "iban": iban, "bic": "OIVUSCLQXXX", "opening": balance_cents}
+
+
+@pytest.fixture(scope="module")
+def server(database_url: str):
+    server = Server(database_url)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def targets(database_url: str) -> list[dict]:
+    """Accounts the hostile payloads aim at: ample, small (short of funds), and one with an odd name."""
+    return [
+        create_account(database_url, 10_000_000),
+        create_account(database_url, 150),
+        create_account(database_url, 5_000, name="Zoë Ünïcødé-Łódź"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def db(database_url: str):
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        yield connection
+
+
+def check_one(server: Server, db, request: hostile.Hostile) -> None:
+    before = hostile.fingerprint(db)
+    status, headers, body = hostile.send(server.port, request, timeout=10)
+    problem = hostile.judge(request, status, headers, body, before, hostile.fingerprint(db))
+    assert problem is None, problem
+    assert server.process.poll() is None, "the service died"
+
+
+def test_hostile_bodies_never_5xx_and_rejections_change_nothing(server, targets, db) -> None:
+    """Hostile bodies sent as plain JSON POSTs without a key."""
+
+    @HYPOTHESIS
+    @given(hostile.hostile_requests(targets, headers=False))
+    def prop(request: hostile.Hostile) -> None:
+        check_one(server, db, request)
+
+    prop()
+
+
+def test_hostile_bodies_and_headers_never_5xx_and_rejections_change_nothing(server, targets, db) -> None:
+    """Hostile bodies with hostile Content-Type, Idempotency-Key and Content-Encoding headers too."""
+
+    @HYPOTHESIS
+    @given(hostile.hostile_requests(targets))
+    def prop(request: hostile.Hostile) -> None:
+        check_one(server, db, request)
+
+    prop()
+
+
+def valid_request(account: dict, n: int = 1, key: bytes | None = None, description: str = "fixed") -> hostile.Hostile:
+    payload = hostile.valid_payload(account, n)
+    for i, transfer in enumerate(payload["credit_transfers"]):
+        transfer["description"] = f"{description} #{i}"
+    headers = [(b"Content-Type", b"application/json")] + ([(b"Idempotency-Key", key)] if key is not None else [])
+    return hostile.Hostile(json.dumps(payload).encode(), headers, "/bulk_transfer", "valid", key)
+
+
+@pytest.mark.parametrize("key", [b"\xff\xfe", "clé".encode("latin-1"), b"\x80abc"], ids=["ff-fe", "latin-1", "x80"])
+def test_idempotency_key_that_is_not_utf8_is_not_a_5xx(server, targets, db, key: bytes) -> None:
+    """An Idempotency-Key header whose bytes are not UTF-8 is client input: 4xx (or accepted), never a 5xx."""
+    check_one(server, db, valid_request(targets[0], key=key, description=f"non-utf8 key {key!r}"))
+
+
+@pytest.mark.parametrize("encoding", [b"gzip", b"deflate"])
+def test_body_that_does_not_match_its_content_encoding_is_not_a_5xx(server, targets, db, encoding: bytes) -> None:
+    """A body that is not what its Content-Encoding says is client input: 400, never a 5xx."""
+    request = valid_request(targets[0], description=f"not really {encoding!r}")
+    request.headers.append((b"Content-Encoding", encoding))
+    check_one(server, db, request)
+
+
+def test_kill_9_under_load_each_request_once_and_whole(database_url: str, db) -> None:
+    """SIGKILL the service while keyed requests are in flight, restart it, retry every request with its key:
+    each is executed exactly once, wholly, and the account's money adds up."""
+    account = create_account(database_url, 50_000_000, name="Kill Nine Ltd")
+    requests = [
+        valid_request(account, n=1 + i % 5, key=f"kill9-{account['id']}-{i}".encode(), description=f"k9-{i}")
+        for i in range(60)
+    ]
+    server = Server(database_url)
+    server.start()
+    answers: dict[int, tuple[int, dict]] = {}
+    enough = threading.Event()
+
+    def send(i: int) -> None:
+        try:
+            status, headers, body = hostile.send(server.port, requests[i], timeout=10)
+        except (OSError, http.client.HTTPException):
+            return  # the process died under this request: its client will retry
+        answers[i] = (status, json.loads(body))
+        if len(answers) >= 10:
+            enough.set()
+
+    try:
+        with ThreadPoolExecutor(max_workers=30) as pool:
+            for i in range(len(requests)):
+                pool.submit(send, i)
+            assert enough.wait(timeout=30), "the service answered fewer than 10 requests"
+            server.kill9()  # while the other requests are in flight or queued
+        lost = [i for i in range(len(requests)) if i not in answers]
+        assert lost, "every request was answered before the kill: nothing was in flight"
+        server.start()
+        first = dict(answers)
+        for i in range(len(requests)):  # every client retries (the answered ones too: they must be replays)
+            status, headers, body = hostile.send(server.port, requests[i], timeout=10)
+            assert status == 201, (i, status, body)
+            answer = json.loads(body)
+            assert headers.get("Idempotent-Replayed") == "true" or i in lost, (i, headers)
+            if i in first:
+                assert first[i] == (201, answer), (i, first[i], answer)
+            answers[i] = (status, answer)
+    finally:
+        server.stop()
+
+    rows = db.execute(
+        """SELECT b.idempotency_key, count(DISTINCT b.id), count(t.id), sum(t.amount_cents), min(b.transfer_count)
+             FROM bps.bulk_transfers AS b JOIN bps.transfers AS t ON t.bulk_transfer_id = b.id
+            WHERE b.bank_account_id = %s GROUP BY b.idempotency_key""",
+        (account["id"],),
+    ).fetchall()
+    executed = {key: (bulks, transfers, total, count) for key, bulks, transfers, total, count in rows}
+    assert len(executed) == len(requests)
+    for i, request in enumerate(requests):
+        bulks, transfers, total, count = executed[request.key.decode()]
+        assert bulks == 1 and transfers == count == 1 + i % 5, (i, executed[request.key.decode()])
+        assert total == answers[i][1]["total_cents"]
+    balance, consistent = db.execute(
+        "SELECT a.balance_cents, au.consistent FROM bps.bank_accounts AS a "
+        "JOIN bps.account_audit AS au ON au.bank_account_id = a.id WHERE a.id = %s",
+        (account["id"],),
+    ).fetchone()
+    assert consistent
+    assert balance == account["opening"] - sum(a["total_cents"] for _, a in answers.values())
