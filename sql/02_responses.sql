@@ -23,9 +23,6 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     ) || extra
 $$;
 
--- Headers for the HTTP layer to add to this call's response, PostgREST-style: the transaction-local
--- setting response.headers holds a JSON object the service copies; psql callers simply ignore it.
-CREATE OR REPLACE FUNCTION bps.set_response_headers(headers jsonb) RETURNS void
-LANGUAGE sql AS $$
-    SELECT set_config('response.headers', headers::text, true)
-$$;
+-- Headers for the HTTP layer travel PostgREST-style: bps.bulk_transfer puts a JSON object of them in the
+-- transaction-local setting response.headers (set_config(..., true)), which the service reads in the
+-- same statement and copies to the response; psql callers simply ignore it.

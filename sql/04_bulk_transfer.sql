@@ -15,7 +15,12 @@ $$;
 -- Validates, deduplicates and records one bulk transfer, debiting its account once; all or nothing.
 CREATE OR REPLACE FUNCTION bps.bulk_transfer(payload jsonb, idempotency_key text DEFAULT NULL,
                                              OUT status integer, OUT body jsonb)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Plan each statement once per connection, not on every call, and with index scans: a plan cached
+-- while a table was small must not stay a sequential scan (this includes the foreign-key checks).
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+AS $$
 <<bulk_transfer>>
 DECLARE
     settings        bps.settings;
@@ -35,7 +40,8 @@ DECLARE
     version_after   bigint;
     transfer_items  jsonb;
 BEGIN
-    PERFORM bps.set_response_headers('{}');
+    -- Headers for the HTTP layer go in response.headers (see sql/02_responses.sql); none so far.
+    PERFORM set_config('response.headers', '{}', true);
     -- 1. Validate. Only a JSON object is a request; the transfer count is bounded before any work.
     IF jsonb_typeof(payload) IS DISTINCT FROM 'object' THEN
         status := 400;
@@ -109,10 +115,10 @@ BEGIN
             ELSE
                 status := stored.status;
                 body := stored.body;
-                PERFORM bps.set_response_headers(jsonb_build_object('Idempotent-Replayed', 'true')
+                PERFORM set_config('response.headers', (jsonb_build_object('Idempotent-Replayed', 'true')
                     || CASE WHEN stored.bulk_transfer_id IS NOT NULL
                             THEN jsonb_build_object('Location', '/bulk_transfers/' || stored.bulk_transfer_id)
-                            ELSE '{}' END);
+                            ELSE '{}' END)::text, true);
             END IF;
             RETURN;
         END IF;
@@ -196,7 +202,8 @@ BEGIN
                 'currency', account.currency,
                 'balance_cents', balance_after,
                 'transfers', transfer_items);
-            PERFORM bps.set_response_headers(jsonb_build_object('Location', '/bulk_transfers/' || bulk_id));
+            PERFORM set_config('response.headers', jsonb_build_object('Location', '/bulk_transfers/' || bulk_id)::text,
+                               true);
         EXCEPTION WHEN SQLSTATE 'BPS01' THEN
             -- A concurrent request spent the money after the lookup: this one's writes are rolled back,
             -- and the figures reported are those the denial was decided on, under the lock.
