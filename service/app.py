@@ -8,6 +8,8 @@ import logging
 
 import asyncpg
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from . import db
 from .config import Config
@@ -91,6 +93,33 @@ def function_response(status: int, body: str, headers: str | None = None) -> web
     return response
 
 
+def is_text(value: str) -> bool:
+    """True when PostgreSQL can take the header as text: UTF-8 (no undecodable bytes) without NUL."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
+
+
+def invalid_idempotency_key() -> web.Response:
+    """The function's own answer for a bad key, for a key PostgreSQL cannot even receive (bytes that are not UTF-8)."""
+    error = {
+        "header": "Idempotency-Key",
+        "code": "invalid_idempotency_key",
+        "detail": "the Idempotency-Key header must be 1 to 255 characters of UTF-8 text",
+    }
+    body = {
+        "type": "/problems/validation_failed",
+        "title": "Request is not valid",
+        "status": 422,
+        "detail": "The request has 1 problem(s); nothing was transferred.",
+        "code": "validation_failed",
+        "errors": [error],
+    }
+    return web.json_response(body, status=422, content_type="application/problem+json")
+
+
 def is_json(content_type: str) -> bool:
     return content_type == "application/json" or (
         content_type.startswith("application/") and content_type.endswith("+json")
@@ -104,11 +133,16 @@ async def post_bulk_transfer(request: web.Request) -> web.Response:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return too_large(request)
+    except (HttpProcessingError, RequestPayloadError):
+        # A body that cannot be read as sent: a broken Content-Encoding or chunked framing.
+        return problem(400, "invalid_json", "The request body could not be read as sent (Content-Encoding, framing).")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return problem(400, "invalid_json", "The request body is not valid UTF-8 JSON.")
     key = request.headers.get("Idempotency-Key")
+    if key is not None and not is_text(key):
+        return invalid_idempotency_key()
     try:
         async with request.app[POOL].acquire(timeout=request.app[CONFIG].pool_timeout_seconds) as connection:
             status, body, headers = await connection.fetchrow(BULK_TRANSFER_SQL, text, key)
