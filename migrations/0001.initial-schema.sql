@@ -39,8 +39,9 @@ CREATE TABLE bps.bulk_transfers (
     -- The target of the transfers' composite foreign key, so a transfer always debits its request's account.
     UNIQUE (id, bank_account_id)
 );
--- The duplicate check: same account, same payload, recent.
-CREATE INDEX bulk_transfers_dedup_idx ON bps.bulk_transfers (bank_account_id, payload_hash, created_at);
+-- The duplicate check: same payload, same account, recent. payload_hash leads: an index led by
+-- bank_account_id would tempt the planner into scanning a whole account's history for a foreign-key check.
+CREATE INDEX bulk_transfers_dedup_idx ON bps.bulk_transfers (payload_hash, bank_account_id, created_at);
 
 CREATE TABLE bps.transfers (
     id                bigint GENERATED ALWAYS AS IDENTITY (CACHE 1000) PRIMARY KEY,
