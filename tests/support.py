@@ -14,7 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+# The sample requests of the seed and of the exercise brief, with their expected outcomes in the tests.
+DATA_DIR = Path(__file__).resolve().parent / "data"
 ADMIN_URL = os.environ.get("BPS_TEST_ADMIN_URL") or os.environ.get(
     "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
