@@ -31,7 +31,7 @@ class Checks:
         self.items: list[Check] = []
 
     def add(self, name: str, examined: int, bad: list) -> Check:
-        check = Check(self.phase, name, len(bad), examined, bad[:5])
+        check = Check(self.phase, name, len(bad), examined, bad[:8])
         self.items.append(check)
         return check
 

@@ -449,6 +449,9 @@ def hypothesis_run(port: int, url: str, accounts: list[dict], examples: int, see
             t1 = time.monotonic()
             try:
                 status, headers, body = hostile.send(port, request)
+            except (ConnectionResetError, BrokenPipeError):
+                statuses["closed early (reset)"] += 1  # the server refused it at the HTTP level and closed
+                return
             except (OSError, http.client.HTTPException) as error:
                 status, headers, body = None, {}, f"{type(error).__name__}: {error}"
             t2 = time.monotonic()
@@ -458,7 +461,7 @@ def hypothesis_run(port: int, url: str, accounts: list[dict], examples: int, see
             spent["requests"] += t2 - t1
             if status is None:
                 statuses["no answer"] += 1
-                by_kind.setdefault("no answer", []).append(f"{body} <- {request!r}")
+                by_kind.setdefault(f"no answer with {hostile.signature(request)}", []).append(f"{body} <- {request!r}")
                 return
             statuses[status] += 1
             problem = hostile.judge(request, status, headers, body, before, hostile.fingerprint(connection))
@@ -473,7 +476,8 @@ def hypothesis_run(port: int, url: str, accounts: list[dict], examples: int, see
             by_kind.setdefault("hypothesis stopped", []).append(f"{type(error).__name__}: {error}")
     spent["generating"] = time.monotonic() - started - spent["requests"] - spent["database checks"]
     # One example of each kind of failure first (with how many there were), then the others.
-    violations = [f"[{len(v)} x {kind}] {v[0]}" for kind, v in by_kind.items()]
+    kinds = sorted(by_kind.items(), key=lambda item: -len(item[1]))
+    violations = [f"[{len(v)} x {kind}] {v[0]}" for kind, v in kinds]
     violations += [example for v in by_kind.values() for example in v[1:]]
     return {"statuses": statuses, "violations": violations, "count": count, "slowest": slowest, "spent": spent}
 
@@ -492,6 +496,7 @@ async def hostile_phase(run: Run) -> None:
 
     result = await asyncio.to_thread(hypothesis_run, service.port, url, targets, args.hostile, args.seed)
     statuses, violations, count, slowest = result["statuses"], result["violations"], result["count"], result["slowest"]
+    (run.logs / "hostile-violations.txt").write_text("\n".join(violations))
     checks.add(f"hypothesis: never a 5xx, rejected requests change nothing ({count} examples)", count, violations)
     checks.expect(f"{args.hostile} hypothesis examples run", count >= args.hostile, f"only {count}")
 
