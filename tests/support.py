@@ -83,7 +83,7 @@ def request_for(account: Account, transfers: list[dict], **fields) -> dict:
 
 
 def sample(name: str) -> dict:
-    """A request from ../shared/data/."""
+    """A sample request from tests/data/."""
     return json.loads((DATA_DIR / name).read_text())
 
 
