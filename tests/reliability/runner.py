@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -74,6 +75,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--max-latency", type=float, default=env("max_latency", 5.0), help="bound for a well-behaved client under abuse"
     )
     p.add_argument("--fsync", default=env("fsync", "on"), choices=["on", "off"], help="fsync of the harness's cluster")
+    p.add_argument(
+        "--max-memory-gb", type=float, default=env("max_memory_gb", 8.0), help="address-space ceiling (0: none)"
+    )
     p.add_argument("--quick", action="store_true", help="small sizes for a try-out (about a minute)")
     args = p.parse_args(argv)
     if args.quick:
@@ -626,8 +630,18 @@ def print_report(run: Run, seconds: float) -> tuple[int, int]:
     return passed, failed
 
 
+def limit_memory(gigabytes: float) -> None:
+    """A ceiling on this process's address space (inherited by what it starts): a runaway is a MemoryError
+    here, not the machine's OOM killer picking a victim."""
+    if gigabytes > 0:
+        limit = int(gigabytes * 1024**3)
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    limit_memory(args.max_memory_gb)
     started = time.monotonic()
     logs = Path(tempfile.mkdtemp(prefix="bps-reliability-logs-"))
     print(f"bps reliability: phases {','.join(args.phases)}, seed {args.seed}, logs in {logs}", flush=True)
