@@ -506,7 +506,9 @@ async def hostile_phase(run: Run) -> None:
 
     limit = int(os.environ.get("BPS_MAX_BODY_BYTES", 16 * 1024 * 1024))
     big = await abuse.oversized(service.port, limit)
-    checks.add("oversized bodies: 413, never a 5xx", len(big.figures), big.problems)
+    checks.add(
+        "oversized, compressed-bomb and mis-encoded bodies: answered, never a 5xx", len(big.figures), big.problems
+    )
 
     def valid_bodies():
         n = 0
@@ -551,7 +553,7 @@ async def hostile_phase(run: Run) -> None:
             "no answer (conn)": statuses.get("no answer", 0),
             "503": statuses.get(503, 0),
             "gave up": 0,
-            "faults injected": f"{count} hostile, {args.slow} slow, {args.idle} idle, {len(big.figures)} oversized",
+            "faults injected": f"{count} hostile, {args.slow} slow, {args.idle} idle, {len(big.figures)} oversized or mis-encoded",
             "p50/p99 s": "-",
             "seconds": round(time.monotonic() - started, 1),
             "note": f"statuses {dict(sorted(statuses.items(), key=str))}; "
