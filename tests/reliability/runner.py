@@ -553,7 +553,7 @@ async def hostile_phase(run: Run) -> None:
             "no answer (conn)": statuses.get("no answer", 0),
             "503": statuses.get(503, 0),
             "gave up": 0,
-            "faults injected": f"{count} hostile, {args.slow} slow, {args.idle} idle, {len(big.figures)} oversized or mis-encoded",
+            "faults injected": f"{count} hostile, {args.slow} slow, {args.idle} idle, {len(big.figures)} odd bodies",
             "p50/p99 s": "-",
             "seconds": round(time.monotonic() - started, 1),
             "note": f"statuses {dict(sorted(statuses.items(), key=str))}; "
