@@ -256,15 +256,18 @@ async def crash(run: Run) -> None:
     in_flight_at_kill = []
     restart_waits = []
     problems = []
+    kill_orders = Counter()
 
     async def restart(service: Service, session: aiohttp.ClientSession) -> None:
         await asyncio.sleep(rng.uniform(0.0, 0.5))
         service.start()
-        kills_before = service.kills
+        orders_before = kill_orders[service.port]
         try:
             restart_waits.append(await service.wait_listening(session, 60))
         except (TimeoutError, RuntimeError) as error:
-            if service.kills == kills_before:  # (not merely killed again while starting: that has its own restart)
+            if (
+                kill_orders[service.port] == orders_before
+            ):  # (not killed again while starting: that has its own restart)
                 problems.append(str(error))
 
     async def killer() -> None:
@@ -280,6 +283,7 @@ async def crash(run: Run) -> None:
                         continue
                     victim = rng.choice(alive)
                     in_flight_at_kill.append(stats.http_requests - sum(len(r.statuses) for r in clients.sent))
+                    kill_orders[victim.port] += 1  # (before the kill, which runs in a thread)
                     await asyncio.to_thread(victim.kill9)
                     kills += 1
                     restarts.append(asyncio.create_task(restart(victim, session)))
