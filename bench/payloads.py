@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from decimal import Decimal
 
 ORGANIZATION_NAME = "BPS Bench"
 ORGANIZATION_BIC = "BENCFRPPXXX"
@@ -24,7 +25,7 @@ def account_iban(run_tag: int, index: int) -> str:
 
 def transfers_cents(batch: int) -> int:
     """What one request of `batch` transfers debits."""
-    return sum(round(float(AMOUNTS[i % len(AMOUNTS)]) * 100) for i in range(batch))
+    return sum(int(Decimal(AMOUNTS[i % len(AMOUNTS)]) * 100) for i in range(batch))
 
 
 def _transfer(position: int) -> dict:
