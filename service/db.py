@@ -31,6 +31,8 @@ async def create_pool(config: Config) -> asyncpg.Pool:
             # JIT compilation costs more than it saves on these short statements.
             "jit": "off",
             "statement_timeout": str(config.statement_timeout_ms),
+            # bps.bulk_transfer requires it, whatever the database's default.
+            "default_transaction_isolation": "read committed",
         },
     )
 

@@ -40,6 +40,11 @@ DECLARE
     version_after   bigint;
     transfer_items  jsonb;
 BEGIN
+    -- The duplicate check and the balance check rely on each statement seeing what committed before it.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'bps.bulk_transfer runs at READ COMMITTED, not %', current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
     -- Headers for the HTTP layer go in response.headers (see sql/02_responses.sql); none so far.
     PERFORM set_config('response.headers', '{}', true);
     -- 1. Validate. Only a JSON object is a request; the transfer count is bounded before any work.
