@@ -37,6 +37,7 @@ PROBLEM_TITLES = {
     "service_unavailable": "Service unavailable",
 }
 BIGINT_MAX = 2**63 - 1
+ACCEPTED_ENCODINGS = ("identity", "gzip")
 
 # What the database says when it is down, restarting, full, or too slow: the client should retry.
 UNAVAILABLE = (
@@ -129,6 +130,15 @@ def is_json(content_type: str) -> bool:
 async def post_bulk_transfer(request: web.Request) -> web.Response:
     if not is_json(request.content_type):
         return problem(415, "unsupported_media_type", "Send the request as Content-Type: application/json.")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ACCEPTED_ENCODINGS:
+        # aiohttp's raw-deflate fallback can wait forever on a body that is not deflate: accept gzip only.
+        return problem(
+            415,
+            "unsupported_media_type",
+            f"Content-Encoding {encoding!r} is not accepted; send the body as is or gzip-compressed.",
+            headers={"Accept-Encoding": "gzip"},
+        )
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:

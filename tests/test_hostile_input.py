@@ -162,15 +162,16 @@ def test_idempotency_key_that_is_not_utf8_is_not_a_5xx(server, targets, db, key:
 
 
 @pytest.mark.parametrize(
-    "encoding, size",
-    [(b"gzip", 0), (b"deflate", 0), (b"gzip", 200_000), (b"deflate", 200_000)],
+    "encoding, size, expected",
+    [(b"gzip", 0, 400), (b"deflate", 0, 415), (b"gzip", 200_000, 400), (b"deflate", 200_000, 415)],
     ids=["gzip", "deflate", "gzip-200KB", "deflate-200KB"],
 )
 def test_body_that_does_not_match_its_content_encoding_is_answered_not_5xx(
-    server, targets, db, encoding: bytes, size: int
+    server, targets, db, encoding: bytes, size: int, expected: int
 ) -> None:
-    """A body that is not what its Content-Encoding says is client input: answered (400), never a 5xx, and
-    promptly, whatever its size (the service must not leave the client waiting on an open connection)."""
+    """A body that is not what its Content-Encoding says is client input: answered, never a 5xx, and promptly,
+    whatever its size (the service must not leave the client waiting on an open connection). gzip is read
+    and found broken (400); deflate is not accepted at all (415), as aiohttp could hang on it."""
     request = valid_request(targets[0], description=f"not really {encoding!r}")
     if size:
         request.body = b"[" * size + b"]" * size
@@ -181,7 +182,7 @@ def test_body_that_does_not_match_its_content_encoding_is_answered_not_5xx(
     except TimeoutError:
         pytest.fail(f"no answer in 5 s to a {len(request.body)}-byte body sent as Content-Encoding: {encoding!r}")
     assert hostile.judge(request, status, headers, body, before, hostile.fingerprint(db)) is None
-    assert status == 400, (status, body)
+    assert status == expected, (status, body)
 
 
 def test_kill_9_under_load_each_request_once_and_whole(database_url: str, db) -> None:
