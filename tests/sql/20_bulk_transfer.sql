@@ -14,13 +14,7 @@ LANGUAGE sql AS $$
     SELECT jsonb_build_object('organization_name', 'Tap Org', 'organization_iban', iban,
                               'organization_bic', bic, 'credit_transfers', transfers)
 $$;
-CREATE FUNCTION pg_temp.written(account_id bigint) RETURNS bigint[]
-LANGUAGE sql AS $$
-    SELECT ARRAY[(SELECT balance_cents FROM bps.bank_accounts WHERE id = account_id),
-                 (SELECT count(*) FROM bps.bulk_transfers WHERE bank_account_id = account_id),
-                 (SELECT count(*) FROM bps.transfers WHERE bank_account_id = account_id),
-                 (SELECT count(*) FROM bps.account_entries WHERE bank_account_id = account_id)]
-$$;
+\ir helpers.psql
 
 SELECT bps.create_bank_account('Tap Org', 'FR7620000000000000000000001', 'TAPBFRPPXXX', 10000) AS acct \gset
 

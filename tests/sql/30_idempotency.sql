@@ -9,13 +9,7 @@ LANGUAGE sql AS $$
             'amount', amount, 'counterparty_name', 'Bip Bip', 'counterparty_iban', 'EE383680981021245685',
             'counterparty_bic', 'CRLYFRPPTOU', 'description', description)))
 $$;
-CREATE FUNCTION pg_temp.written(account_id bigint) RETURNS bigint[]
-LANGUAGE sql AS $$
-    SELECT ARRAY[(SELECT balance_cents FROM bps.bank_accounts WHERE id = account_id),
-                 (SELECT count(*) FROM bps.bulk_transfers WHERE bank_account_id = account_id),
-                 (SELECT count(*) FROM bps.transfers WHERE bank_account_id = account_id),
-                 (SELECT count(*) FROM bps.account_entries WHERE bank_account_id = account_id)]
-$$;
+\ir helpers.psql
 -- One call with the response headers it set (the HTTP layer reads them in the same statement).
 CREATE FUNCTION pg_temp.call(payload jsonb, key text DEFAULT NULL)
 RETURNS TABLE (status integer, body jsonb, replayed text, location text)
