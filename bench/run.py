@@ -23,7 +23,7 @@ Environment (all optional):
   BPS_BENCH_CONCURRENCY    concurrent clients (default 1,4,16)
   BPS_BENCH_CASES          which cases to run (default health,floor,many,hot)
   BPS_BENCH_WORKERS        service worker processes (default 2)
-  BPS_BENCH_POOL_MAX_SIZE  database connections per worker (default: the highest concurrency)
+  BPS_BENCH_POOL_MAX_SIZE  database connections per worker (default: the service's own default)
   BPS_BENCH_ACCOUNTS       accounts for the many-accounts cases (default 1000)
   BPS_BENCH_CLIENTS        load generator processes (default 1)
   BPS_BENCH_PORT           the service's port (default: a free one)
@@ -49,6 +49,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from service.config import Config
 
 from . import database, load, report, system
 from .server import ROOT, Profiler, Server, py_spy
@@ -100,7 +102,7 @@ class Settings:
             concurrency=concurrency,
             cases=[c.strip() for c in (env.get("BPS_BENCH_CASES") or "health,floor,many,hot").split(",")],
             workers=int(env.get("BPS_BENCH_WORKERS") or 2),
-            pool_max_size=int(env.get("BPS_BENCH_POOL_MAX_SIZE") or max(concurrency)),
+            pool_max_size=int(env.get("BPS_BENCH_POOL_MAX_SIZE") or Config().pool_max_size),
             accounts=int(env.get("BPS_BENCH_ACCOUNTS") or 1000),
             clients=int(env.get("BPS_BENCH_CLIENTS") or 1),
             port=int(env.get("BPS_BENCH_PORT") or _free_port()),
