@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import uuid
 from collections import Counter
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -20,28 +18,6 @@ from .load import FLOOR_SERVER_SETTINGS, FLOOR_SQL, FLOOR_TABLE
 from .payloads import ORGANIZATION_BIC, ORGANIZATION_NAME, Template, account_iban
 
 BALANCE_CENTS = 10**14  # no request of the run can exhaust it: every accepted request is a 201
-
-
-def database_name(url: str) -> str:
-    return urlsplit(url).path.lstrip("/")
-
-
-async def create_database(admin_url: str) -> str:
-    name = f"bps_bench_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-
-
-async def drop_database(admin_url: str, url: str) -> None:
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database_name(url)}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def prepare(url: str, accounts: int, run_tag: int) -> dict:

@@ -50,6 +50,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from service import db
 from service.config import Config
 
 from . import database, load, report, system
@@ -209,7 +210,7 @@ async def run_case(
     answers = [asyncio.ensure_future(clients.ask(p, "go", start_at)) for p in busy]
     waits = asyncio.ensure_future(sampler.sample(start_at, until))
     service_pids = server.all_pids()
-    database_name = database.database_name(url)
+    database_name = db.database_name(url)
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     before = system.snapshot(service_pids, clients.pids, database_name)
     if profiler is not None and case.kind != "floor":
@@ -277,7 +278,7 @@ async def bench(settings: Settings) -> dict:
     settings.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     fresh = settings.url is None
-    url = await database.create_database(settings.admin_url) if fresh else settings.url
+    url = await db.create_database(settings.admin_url, "bps_bench") if fresh else settings.url
     server = clients = sampler = None
     document: dict = {
         "command": "make bench",
@@ -287,9 +288,7 @@ async def bench(settings: Settings) -> dict:
         "machine": system.machine_description(),
     }
     try:
-        print(
-            f"database {database.database_name(url)}: migrating, opening {settings.accounts + 2} accounts", flush=True
-        )
+        print(f"database {db.database_name(url)}: migrating, opening {settings.accounts + 2} accounts", flush=True)
         accounts = await database.prepare(url, settings.accounts, random.randrange(10**6))
         document["postgres"] = await database.server_facts(url)
         server = Server(
@@ -325,7 +324,7 @@ async def bench(settings: Settings) -> dict:
         if server is not None:
             await asyncio.to_thread(server.stop)
         if fresh and os.environ.get("BPS_BENCH_KEEP") != "1":
-            await database.drop_database(settings.admin_url, url)
+            await db.drop_database(settings.admin_url, url)
     document["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write(settings.out, stamp, document)
     return document

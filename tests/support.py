@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
+from service import db
 
 # The sample requests of the seed and of the exercise brief, with their expected outcomes in the tests.
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -21,29 +21,13 @@ ADMIN_URL = os.environ.get("BPS_TEST_ADMIN_URL") or os.environ.get(
 )
 
 
-def database_url_for(name: str) -> str:
-    parts = urlsplit(ADMIN_URL)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
 async def create_database(prefix: str = "bps_test") -> str:
     """Creates an empty database with a unique name; returns its URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(ADMIN_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return database_url_for(name)
+    return await db.create_database(ADMIN_URL, prefix)
 
 
 async def drop_database(url: str) -> None:
-    name = urlsplit(url).path.lstrip("/")
-    admin = await asyncpg.connect(ADMIN_URL)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await db.drop_database(ADMIN_URL, url)
 
 
 @dataclass(frozen=True)
