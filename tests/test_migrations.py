@@ -179,7 +179,9 @@ async def new_bulk_transfer(connection: asyncpg.Connection, account_id: int) -> 
 
 
 async def insert_transfer(connection: asyncpg.Connection, account_id: int, bulk_id: int, **overrides) -> int:
+    position = overrides.get("position", 0)
     row = {
+        "id": bulk_id * 100_000 + position,  # migrations/0002: a transfer's id is its request's id * 100000 + position
         "bank_account_id": account_id,
         "bulk_transfer_id": bulk_id,
         "position": 0,
@@ -308,7 +310,7 @@ async def test_foreign_keys_reject_rows_that_point_nowhere_or_to_another_account
     account_id = await new_account(connection)
     other_account_id = await new_account(connection)
     bulk_id = await new_bulk_transfer(connection, account_id)
-    missing = 2**62
+    missing = 2**40  # times 100000 still a bigint: a transfer of it has an id
     # A bulk transfer of an account that does not exist.
     await rejects(connection, asyncpg.ForeignKeyViolationError, lambda: new_bulk_transfer(connection, missing))
     # A transfer of a bulk transfer that does not exist.
@@ -322,12 +324,37 @@ async def test_foreign_keys_reject_rows_that_point_nowhere_or_to_another_account
         lambda: insert_transfer(connection, other_account_id, bulk_id),
     )
     # An account with transfers cannot vanish from under them.
-    await insert_transfer(connection, account_id, bulk_id)
+    transfer_id = await insert_transfer(connection, account_id, bulk_id)
     await rejects(
         connection,
         asyncpg.ForeignKeyViolationError,
         lambda: connection.execute("DELETE FROM bps.bank_accounts WHERE id = $1", account_id),
     )
+    # Nor can their bulk transfer, and neither can be re-keyed (sql/06_integrity.sql stands in for a
+    # per-row foreign key).
+    await rejects(
+        connection,
+        asyncpg.ForeignKeyViolationError,
+        lambda: connection.execute("DELETE FROM bps.bulk_transfers WHERE id = $1", bulk_id),
+    )
+    for statement in (
+        "UPDATE bps.bulk_transfers SET bank_account_id = $2 WHERE id = $1",
+        "UPDATE bps.transfers SET bank_account_id = $2 WHERE bulk_transfer_id = $1",
+    ):
+        await rejects(
+            connection,
+            asyncpg.ForeignKeyViolationError,
+            lambda statement=statement: connection.execute(statement, bulk_id, other_account_id),
+        )
+    # A transfer's id is its bulk transfer's id * 100000 + its position, and nothing else.
+    await rejects(
+        connection,
+        asyncpg.CheckViolationError,
+        lambda: connection.execute("UPDATE bps.transfers SET id = id + 1 WHERE id = $1", transfer_id),
+    )
+    # Without transfers, a bulk transfer can go.
+    await connection.execute("DELETE FROM bps.transfers WHERE id = $1", transfer_id)
+    await connection.execute("DELETE FROM bps.bulk_transfers WHERE id = $1", bulk_id)
 
 
 async def test_migrating_from_zero_gives_a_working_bulk_transfer(connection):

@@ -1,0 +1,43 @@
+-- Transfers keyed by their request: a transfer's id is its bulk transfer's id * 100000 + its position.
+--
+-- Why: bps.bulk_transfer writes up to max_transfers_per_request rows per call, and every index and per-row
+-- check on bps.transfers is paid once per transfer. With ids derived from (bulk_transfer_id, position) the
+-- primary key alone orders a request's transfers and enforces one row per position, so the separate
+-- (bulk_transfer_id, position) index and the identity sequence go, and the function knows every id
+-- without reading the rows back. A request's transfers are the primary-key range
+-- [bulk_transfer_id * 100000, bulk_transfer_id * 100000 + 99999] (bps.transfers_of reads it).
+--
+-- The link to bps.bulk_transfers stays enforced, checked once per statement instead of once per row:
+-- the per-row foreign key becomes statement-level triggers (sql/04_bulk_transfer.sql creates them).
+
+-- A request can no longer hold more transfers than an id has positions.
+ALTER TABLE bps.settings
+    ADD CONSTRAINT settings_max_transfers_per_request_fits_ids CHECK (max_transfers_per_request <= 100000);
+
+ALTER TABLE bps.account_entries DROP CONSTRAINT account_entries_transfer_id_fkey;
+ALTER TABLE bps.transfers
+    DROP CONSTRAINT transfers_bulk_transfer_id_bank_account_id_fkey,
+    DROP CONSTRAINT transfers_bulk_transfer_id_position_key,
+    DROP CONSTRAINT transfers_pkey,
+    DROP CONSTRAINT transfers_position_check;
+ALTER TABLE bps.transfers ALTER COLUMN id DROP IDENTITY IF EXISTS;
+
+-- Renumber what exists (the journal's references first).
+UPDATE bps.account_entries AS e
+   SET transfer_id = t.bulk_transfer_id * 100000 + t.position
+  FROM bps.transfers AS t
+ WHERE e.transfer_id = t.id;
+UPDATE bps.transfers SET id = bulk_transfer_id * 100000 + position;
+
+ALTER TABLE bps.transfers
+    ADD CONSTRAINT transfers_pkey PRIMARY KEY (id),
+    ADD CONSTRAINT transfers_position_check CHECK (position >= 0 AND position < 100000),
+    ADD CONSTRAINT transfers_id_check CHECK (id = bulk_transfer_id * 100000 + position);
+ALTER TABLE bps.account_entries
+    ADD CONSTRAINT account_entries_transfer_id_fkey FOREIGN KEY (transfer_id) REFERENCES bps.transfers (id);
+
+-- (id, bank_account_id) was unique only as the target of the per-row foreign key.
+ALTER TABLE bps.bulk_transfers DROP CONSTRAINT bulk_transfers_id_bank_account_id_key;
+
+COMMENT ON COLUMN bps.transfers.id IS
+    'bulk_transfer_id * 100000 + position: a request''s transfers are one primary-key range (see bps.transfers_of)';

@@ -1,0 +1,90 @@
+-- The link between a transfer and its bulk transfer (same request, same account), enforced like a foreign
+-- key but checked once per statement instead of once per row: bps.bulk_transfer writes up to 100000
+-- transfers in one statement, and a per-row foreign-key check cost more than the row itself
+-- (migrations/0002). Together these triggers give what the foreign key gave: no transfer without its bulk
+-- transfer on the same account, and no bulk transfer removed or re-keyed while it has transfers.
+
+-- Every bulk transfer the inserted transfers name exists, on the account they name; each is locked
+-- FOR KEY SHARE, as a foreign-key check does, so a concurrent delete waits for this transaction.
+CREATE OR REPLACE FUNCTION bps.transfers_check_bulk_transfers() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    orphan record;
+BEGIN
+    WITH named AS (
+        SELECT DISTINCT i.bulk_transfer_id, i.bank_account_id FROM inserted AS i
+    ), found AS (
+        SELECT b.id, b.bank_account_id
+          FROM bps.bulk_transfers AS b
+          JOIN named AS n ON n.bulk_transfer_id = b.id AND n.bank_account_id = b.bank_account_id
+           FOR KEY SHARE OF b
+    )
+    SELECT n.* INTO orphan FROM named AS n LEFT JOIN found AS f ON f.id = n.bulk_transfer_id WHERE f.id IS NULL LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'insert into bps.transfers names bulk transfer % on account %, which does not exist',
+                        orphan.bulk_transfer_id, orphan.bank_account_id
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'transfers', SCHEMA = 'bps';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER transfers_belong_to_their_bulk_transfer
+    AFTER INSERT ON bps.transfers REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION bps.transfers_check_bulk_transfers();
+
+-- A transfer never moves to another request or account (its id says which request it belongs to).
+CREATE OR REPLACE FUNCTION bps.transfers_keep_their_bulk_transfer() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF (NEW.bulk_transfer_id, NEW.bank_account_id) IS DISTINCT FROM (OLD.bulk_transfer_id, OLD.bank_account_id) THEN
+        RAISE EXCEPTION 'transfer % belongs to bulk transfer % on account %; it cannot be moved',
+                        OLD.id, OLD.bulk_transfer_id, OLD.bank_account_id
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'transfers', SCHEMA = 'bps';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER transfers_stay_with_their_bulk_transfer
+    BEFORE UPDATE OF bulk_transfer_id, bank_account_id ON bps.transfers
+    FOR EACH ROW EXECUTE FUNCTION bps.transfers_keep_their_bulk_transfer();
+
+-- A bulk transfer is never re-keyed: its transfers are the primary-key range its id gives.
+CREATE OR REPLACE FUNCTION bps.bulk_transfers_keep_their_key() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF (NEW.id, NEW.bank_account_id) IS DISTINCT FROM (OLD.id, OLD.bank_account_id) THEN
+        RAISE EXCEPTION 'bulk transfer % on account % cannot change its id or account',
+                        OLD.id, OLD.bank_account_id
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'bulk_transfers', SCHEMA = 'bps';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER bulk_transfers_keep_their_key
+    BEFORE UPDATE OF id, bank_account_id ON bps.bulk_transfers
+    FOR EACH ROW EXECUTE FUNCTION bps.bulk_transfers_keep_their_key();
+
+-- A bulk transfer that still has transfers is not deleted.
+CREATE OR REPLACE FUNCTION bps.bulk_transfers_check_transfers() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    kept bigint;
+BEGIN
+    SELECT d.id INTO kept
+      FROM deleted AS d
+     WHERE EXISTS (SELECT FROM bps.transfers AS t WHERE t.id BETWEEN d.id * 100000 AND d.id * 100000 + 99999)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'bulk transfer % still has transfers', kept
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'bulk_transfers', SCHEMA = 'bps';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER bulk_transfers_keep_their_transfers
+    AFTER DELETE ON bps.bulk_transfers REFERENCING OLD TABLE AS deleted
+    FOR EACH STATEMENT EXECUTE FUNCTION bps.bulk_transfers_check_transfers();
