@@ -3,6 +3,8 @@ counterparty checking. Every rejection is a 422 validation_failed listing every 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from support import (
     Account,
@@ -365,3 +367,57 @@ async def test_samples_pass_a_basic_account_but_not_a_strict_one(client, make_ac
     response = await client.post("/bulk_transfer", json=for_account(sample("sample1.json"), basic))
     assert response.status == 201, await response.text()
     assert await balance_of(pool, basic) == 3_774_850
+
+
+# The fast path (bps.transfer_is_valid over text columns) and the detailed error list (bps.transfer_problems
+# over jsonb) share every field rule; this checks they agree on transfers whose values are all strings,
+# including absent fields, blanks, limits, edge amounts and strict IBAN/BIC checking.
+FIELD_CANDIDATES = {
+    "amount": ["14.50", "0.01", "999999999.99", "1000000000", "0", "0.00", "00012.3", "1.234", "1e3", " 1", "",
+               "-1", "0" * 40 + "1", "9" * 40, None],
+    "currency": ["EUR", "USD", "eur", "", None],
+    "counterparty_name": ["Bip Bip", "N" * 70, "N" * 71, "  ", "\t\n", "é" * 70, None],
+    "counterparty_iban": ["DE89370400440532013000", "EE383680981021245685", "I" * 34, "I" * 35, " ", None],
+    "counterparty_bic": ["DEUTDEFF", "DEUTDEFF500", "DEUTDEF", "B" * 12, "", None],
+    "description": ["Invoice", "D" * 140, "D" * 141, " \r ", None],
+    "client_reference": ["ref-1", "R" * 35, "R" * 36, "", None],
+}
+
+
+async def test_fast_and_detailed_validation_agree_on_every_transfer(pool):
+    disagreements = await pool.fetchrow(
+        """
+        WITH candidates AS (
+            SELECT key AS field, array_agg(value) AS values
+              FROM jsonb_each($1::jsonb) AS f(key, list), jsonb_array_elements(list) AS v(value)
+             GROUP BY key
+        ), transfers AS (
+            SELECT jsonb_strip_nulls(jsonb_build_object(
+                       'amount', a, 'currency', c, 'counterparty_name', n, 'counterparty_iban', i,
+                       'counterparty_bic', b, 'description', d, 'client_reference', r)) AS transfer
+              FROM unnest((SELECT values FROM candidates WHERE field = 'amount')) AS a,
+                   unnest((SELECT values FROM candidates WHERE field = 'currency')) AS c,
+                   unnest((SELECT values FROM candidates WHERE field = 'counterparty_name')) AS n,
+                   unnest((SELECT values FROM candidates WHERE field = 'counterparty_iban')) AS i,
+                   unnest((SELECT values FROM candidates WHERE field = 'counterparty_bic')) AS b,
+                   unnest((SELECT values FROM candidates WHERE field = 'description')) AS d,
+                   unnest((SELECT values FROM candidates WHERE field = 'client_reference')) AS r
+             WHERE hashtext(concat_ws('|', a, c, n, i, b, d, r)) % 12 = 0  -- a fixed twelfth: ~16,000
+        )
+        SELECT count(*) AS compared, count(*) FILTER (WHERE fast) AS valid,
+               (array_agg(jsonb_build_object('transfer', t.transfer, 'strict', strict, 'fast', fast,
+                                             'detailed', detailed))
+                    FILTER (WHERE fast IS DISTINCT FROM (detailed = '{}')))[1:5] AS disagreements
+          FROM transfers AS t, (VALUES (false), (true)) AS s(strict),
+               jsonb_to_record(t.transfer) AS f(amount text, currency text, counterparty_name text,
+                                               counterparty_iban text, counterparty_bic text, description text,
+                                               client_reference text),
+               LATERAL (SELECT bps.transfer_is_valid(f.amount, f.currency, f.counterparty_name, f.counterparty_iban,
+                                                     f.counterparty_bic, f.description, f.client_reference,
+                                                     'EUR', strict) AS fast,
+                               bps.transfer_problems(t.transfer, 'EUR', strict) AS detailed) AS v
+        """,
+        json.dumps(FIELD_CANDIDATES),
+    )
+    assert disagreements["disagreements"] is None
+    assert disagreements["compared"] > 10_000 and 0 < disagreements["valid"] < disagreements["compared"]
