@@ -29,9 +29,11 @@ async def prepare(url: str, accounts: int, run_tag: int) -> dict:
         await connection.execute(f"""
             CREATE SCHEMA IF NOT EXISTS bench;
             DROP TABLE IF EXISTS {FLOOR_TABLE};
-            -- bps.transfers' columns, defaults and identity; its primary key and nothing else.
-            CREATE TABLE {FLOOR_TABLE} (LIKE bps.transfers INCLUDING DEFAULTS INCLUDING IDENTITY);
-            ALTER TABLE {FLOOR_TABLE} ALTER COLUMN id SET CACHE 1000, ADD PRIMARY KEY (id);
+            -- bps.transfers' columns and defaults, an identity primary key (the floor's inserts name no id)
+            -- and nothing else.
+            CREATE TABLE {FLOOR_TABLE} (LIKE bps.transfers INCLUDING DEFAULTS);
+            ALTER TABLE {FLOOR_TABLE} ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (CACHE 1000),
+                                      ADD PRIMARY KEY (id);
         """)
         rows = await connection.fetch(
             "SELECT i, bps.create_bank_account($1, $2 || lpad(i::text, 17, '0'), $3, $4) AS id "

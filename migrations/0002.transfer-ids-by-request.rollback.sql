@@ -1,5 +1,6 @@
 -- Back to identity ids, a per-row foreign key and the (bulk_transfer_id, position) index. Existing ids are
 -- kept (they are unique), and the identity continues after the largest.
+DROP TYPE bps.transfer_receipt;
 -- The triggers that stood in for the foreign key (sql/06_integrity.sql) go with it.
 DROP TRIGGER IF EXISTS transfers_belong_to_their_bulk_transfer ON bps.transfers;
 DROP TRIGGER IF EXISTS transfers_stay_with_their_bulk_transfer ON bps.transfers;

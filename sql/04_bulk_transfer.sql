@@ -39,6 +39,7 @@ DECLARE
     bulk_id         bigint;
     balance_seen    bigint;
     balance_after   bigint;
+    client_refs     text[];
     transfer_items  jsonb;
 BEGIN
     -- The duplicate check and the balance check rely on each statement seeing what committed before it.
@@ -78,13 +79,13 @@ BEGIN
        AND NOT jsonb_path_exists(transfers, 'strict $[*] ? (@.type() != "object")') THEN
         value_types := jsonb_path_query_array(transfers, 'lax $[*].*.type()');
         IF value_types - 'string' = '[]' THEN
-            SELECT count(*), sum(bps.amount_cents(t.amount)),
+            SELECT count(*), sum(bps.amount_cents(t.amount)), array_agg(t.client_reference),
                    sum(num_nonnulls(t.amount, t.currency, t.counterparty_name, t.counterparty_iban,
                                     t.counterparty_bic, t.description, t.client_reference)),
                    bool_and(bps.transfer_is_valid(t.amount, t.currency, t.counterparty_name, t.counterparty_iban,
                                                   t.counterparty_bic, t.description, t.client_reference,
                                                   account.currency, account.counterparty_check = 'strict'))
-              INTO transfer_count, total_cents, field_count, all_valid
+              INTO transfer_count, total_cents, client_refs, field_count, all_valid
               FROM jsonb_to_recordset(transfers)
                    AS t(amount text, currency text, counterparty_name text, counterparty_iban text,
                         counterparty_bic text, description text, client_reference text);
@@ -226,11 +227,11 @@ BEGIN
         END LOOP;
 
         IF bulk_id IS NOT NULL THEN
-            SELECT jsonb_agg(jsonb_build_object('id', bulk_id * 100000 + t.n - 1, 'client_reference', t.client_reference)
-                             ORDER BY t.n)
+            -- Each transfer's id and client_reference; through a composite type, as to_jsonb builds that array
+            -- in one go (jsonb_agg of jsonb_build_object cost three times as much per transfer).
+            SELECT to_jsonb(array_agg((bulk_id * 100000 + r.n - 1, r.reference)::bps.transfer_receipt ORDER BY r.n))
               INTO transfer_items
-              FROM ROWS FROM (jsonb_to_recordset(transfers) AS (client_reference text))
-                   WITH ORDINALITY AS t(client_reference, n);
+              FROM unnest(client_refs) WITH ORDINALITY AS r(reference, n);
             status := 201;
             body := jsonb_build_object(
                 'bulk_transfer_id', bulk_id,
