@@ -192,6 +192,13 @@ BEGIN
                WITH ORDINALITY AS t(amount, counterparty_name, counterparty_iban, counterparty_bic, description,
                                     client_reference, n);
 
+        -- The response's list of each transfer's id and client_reference, built before the lock is taken.
+        -- Through a composite type: to_jsonb builds the array in one go (jsonb_agg of jsonb_build_object
+        -- cost three times as much per transfer).
+        SELECT to_jsonb(array_agg((bulk_id * 100000 + r.n - 1, r.reference)::bps.transfer_receipt ORDER BY r.n))
+          INTO transfer_items
+          FROM unnest(client_refs) WITH ORDINALITY AS r(reference, n);
+
         -- The debit takes the account's row lock, as late as possible: concurrent requests on one account
         -- serialize only for the debit, the journal entry and the commit. It debits only what the account
         -- holds (a concurrent debit is waited for, then the condition is checked again on its result).
@@ -227,11 +234,6 @@ BEGIN
         END LOOP;
 
         IF bulk_id IS NOT NULL THEN
-            -- Each transfer's id and client_reference; through a composite type, as to_jsonb builds that array
-            -- in one go (jsonb_agg of jsonb_build_object cost three times as much per transfer).
-            SELECT to_jsonb(array_agg((bulk_id * 100000 + r.n - 1, r.reference)::bps.transfer_receipt ORDER BY r.n))
-              INTO transfer_items
-              FROM unnest(client_refs) WITH ORDINALITY AS r(reference, n);
             status := 201;
             body := jsonb_build_object(
                 'bulk_transfer_id', bulk_id,
