@@ -16,9 +16,10 @@ class Config:
     port: int = 8000
     workers: int = 1
     pool_min_size: int = 2
-    # Per worker. A few connections per database core: beyond that, requests wait on PostgreSQL's locks and
-    # CPU instead of queueing cheaply here (make bench: a hot account ran 1.9x faster at 4 than at 16).
-    pool_max_size: int = 4
+    # Per worker. About the database's cores divided by the workers: beyond that, requests wait on
+    # PostgreSQL's locks and CPU instead of queueing cheaply here (make bench, 2 workers on 2 cores: one hot
+    # account at 16 clients ran 1.9x faster at 4 than at 16, and 15 to 24% faster again at 2 than at 4).
+    pool_max_size: int = 2
     pool_timeout_seconds: float = 10.0
     statement_timeout_ms: int = 60_000
     # 10000 transfers at their longest fields, JSON-escaped, stay well below this.
