@@ -107,6 +107,12 @@ async def test_every_transfer_is_recorded_against_the_debited_account(client, ma
     ]
     assert await balance_of(pool, account) == 100_000 - 3_051
     assert await balance_of(pool, bystander) == 100_000
+    # A transfer's id is its bulk transfer's id * 100000 + its position: the 201 lists them, and
+    # bps.transfers_of reads them back in order.
+    bulk_id = body["bulk_transfer_id"]
+    listed = await pool.fetch("SELECT id, position, client_reference FROM bps.transfers_of($1)", bulk_id)
+    assert [(r["id"], r["position"]) for r in listed] == [(bulk_id * 100_000 + p, p) for p in range(3)]
+    assert body["transfers"] == [{"id": r["id"], "client_reference": r["client_reference"]} for r in listed]
 
 
 # The shared samples against the exercise's account of 10000000 cents

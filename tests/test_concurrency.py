@@ -490,3 +490,39 @@ async def test_concurrent_requests_that_together_spend_the_whole_balance_all_suc
     assert one_cent_more.body["code"] == "insufficient_funds"
     assert (one_cent_more.body["balance_cents"], one_cent_more.body["shortfall_cents"]) == (0, 1)
     assert await balance_of(pool, account) == 0
+
+
+async def test_money_spent_while_a_request_was_writing_denies_it_whole_on_the_balance_under_the_lock(
+    database_url, pool, make_account
+):
+    """The lost race of sql/04_bulk_transfer.sql, made to happen: a request passes the lock-free pre-check
+    and writes its rows, then a concurrent request's debit commits first. Its own debit then finds too little:
+    422 with the figures decided on under the account's lock, and none of its rows left."""
+    account = await make_account(10_000)
+    spend = request_for(account, [transfer("70.00")])
+    late = request_for(account, [transfer("40.00"), transfer("10.00")])  # fits 100.00, not the 30.00 left
+    spender = await asyncpg.connect(database_url)
+    watcher = await asyncpg.connect(database_url)
+    try:
+        transaction = spender.transaction()
+        await transaction.start()
+        spent = await spender.fetchrow("SELECT * FROM bps.bulk_transfer($1::jsonb)", json.dumps(spend))
+        assert spent["status"] == 201  # its debit holds the account's row until the commit
+        call = asyncio.create_task(pool.fetchrow("SELECT * FROM bps.bulk_transfer($1::jsonb)", json.dumps(late)))
+        await Gate(watcher).wait_until_queued([call], 1)
+        await transaction.commit()
+        outcome = await call
+    finally:
+        await watcher.close()
+        await spender.close()
+    body = json.loads(outcome["body"])
+    assert (outcome["status"], body["code"]) == (422, "insufficient_funds")
+    assert (body["balance_cents"], body["required_cents"], body["shortfall_cents"]) == (3_000, 5_000, 2_000)
+    counts = await pool.fetchrow(
+        """SELECT (SELECT count(*) FROM bps.bulk_transfers WHERE bank_account_id = $1) AS bulk_transfers,
+                  (SELECT count(*) FROM bps.transfers WHERE bank_account_id = $1) AS transfers,
+                  (SELECT consistent FROM bps.account_audit WHERE bank_account_id = $1) AS consistent""",
+        account.id,
+    )
+    assert dict(counts) == {"bulk_transfers": 1, "transfers": 1, "consistent": True}
+    assert await balance_of(pool, account) == 3_000
