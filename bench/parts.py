@@ -1,0 +1,134 @@
+"""`python -m bench.parts [BATCH]`: what each part of bps.bulk_transfer costs per transfer, on one connection.
+
+It creates a fresh database, migrates it, opens one account, and times statements that each do one part of
+the function's work on the same request body of BATCH transfers (default 10000): the parse of the body
+alone, the floor's insert, the jsonpath type scans, the validation pass, the dedup hash, the 201's list, and
+the whole function. It runs 40 rounds of every part, each run in a transaction that is rolled back (so
+nothing accumulates and no commit is timed), and prints the median and the fastest run, per transfer, and
+what each costs over the bare parse. The database is dropped at the end. Loopback only; bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+
+import asyncpg
+
+from service import db
+
+from .load import FLOOR_SQL
+from .payloads import ORGANIZATION_BIC, ORGANIZATION_NAME, Template, account_iban
+
+ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+RUNS = 40
+WARMUP = 5
+TRANSFERS = "$1::jsonb -> 'credit_transfers'"
+COLUMNS = (
+    "amount text, currency text, counterparty_name text, counterparty_iban text, counterparty_bic text, "
+    "description text, client_reference text"
+)
+# (label, statement on $1 = the body text): each is one part of the function, as the function writes it.
+PARTS = [
+    ("parse the body ($1::jsonb)", "SELECT $1::jsonb IS NULL"),
+    ("floor: parse and insert", FLOOR_SQL.replace("$2", "1").replace("$3", "7")),
+    (
+        "jsonpath: every transfer an object of strings",
+        f"""SELECT jsonb_path_exists({TRANSFERS}, 'strict $[*] ? (@.type() != "object")'),
+                   jsonb_path_query_array({TRANSFERS}, 'lax $[*].*.type()') - 'string' = '[]'""",
+    ),
+    (
+        "validation pass: field rules, counts, total",
+        f"""SELECT count(*), sum(bps.amount_cents(t.amount)), array_agg(t.client_reference),
+                   sum(num_nonnulls(t.amount, t.currency, t.counterparty_name, t.counterparty_iban,
+                                    t.counterparty_bic, t.description, t.client_reference)),
+                   bool_and(bps.transfer_is_valid(t.amount, t.currency, t.counterparty_name, t.counterparty_iban,
+                                                  t.counterparty_bic, t.description, t.client_reference,
+                                                  'EUR', false))
+              FROM jsonb_to_recordset({TRANSFERS}) AS t({COLUMNS})""",
+    ),
+    (
+        "the same pass without the field rules",
+        f"""SELECT count(*), sum(bps.amount_cents(t.amount)), array_agg(t.client_reference),
+                   sum(num_nonnulls(t.amount, t.currency, t.counterparty_name, t.counterparty_iban,
+                                    t.counterparty_bic, t.description, t.client_reference))
+              FROM jsonb_to_recordset({TRANSFERS}) AS t({COLUMNS})""",
+    ),
+    ("dedup hash of the canonical payload", "SELECT sha256(convert_to($1::jsonb::text, 'UTF8')) IS NULL"),
+    (
+        "the 201's list of ids and references",
+        f"""SELECT to_jsonb(array_agg((7::bigint * 100000 + r.n - 1, r.reference)::bps.transfer_receipt
+                                      ORDER BY r.n)) IS NULL
+              FROM unnest((SELECT array_agg(t.client_reference)
+                             FROM jsonb_to_recordset({TRANSFERS}) AS t(client_reference text)))
+                   WITH ORDINALITY AS r(reference, n)""",
+    ),
+    ("bps.bulk_transfer, whole (a 201)", "SELECT status FROM bps.bulk_transfer($1::jsonb)"),
+]
+
+
+async def time_once(connection: asyncpg.Connection, sql: str, body: str) -> float:
+    """Wall time of one execution in a transaction that is then rolled back, in seconds."""
+    transaction = connection.transaction()
+    await transaction.start()
+    started = time.perf_counter()
+    await connection.fetch(sql, body)
+    elapsed = time.perf_counter() - started
+    await transaction.rollback()
+    return elapsed
+
+
+async def time_parts(connection: asyncpg.Connection, body: str) -> list[list[float]]:
+    """RUNS rounds, each running every part once (after WARMUP untimed rounds): a slower spell of the
+    machine then touches every part alike instead of the few that ran during it."""
+    times: list[list[float]] = [[] for _ in PARTS]
+    for round_number in range(WARMUP + RUNS):
+        for index, (_, sql) in enumerate(PARTS):
+            elapsed = await time_once(connection, sql, body)
+            if round_number >= WARMUP:
+                times[index].append(elapsed)
+    return times
+
+
+async def measure(batch: int) -> None:
+    url = await db.create_database(ADMIN_URL, "bps_parts")
+    try:
+        await db.migrate(url)
+        connection = await asyncpg.connect(url, server_settings={"jit": "off"})
+        try:
+            await connection.execute(
+                "CREATE SCHEMA bench; CREATE TABLE bench.floor_transfers (LIKE bps.transfers INCLUDING DEFAULTS);"
+                "ALTER TABLE bench.floor_transfers ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (CACHE 1000),"
+                " ADD PRIMARY KEY (id)"
+            )
+            iban = account_iban(0, 0)
+            await connection.execute(
+                "SELECT bps.create_bank_account($1, $2, $3, $4)", ORGANIZATION_NAME, iban, ORGANIZATION_BIC, 10**14
+            )
+            template = Template.build(batch)
+            body = bytearray(template.body)
+            body[template.iban_at : template.iban_at + len(iban)] = iban.encode()
+            text = body.decode()
+            print(f"bps parts: {batch} transfers per request, {RUNS} rounds of rolled-back runs, one connection")
+            print(f"{'part':48} {'median us/transfer':>19} {'fastest':>8} {'over the parse':>15}")
+            times = await time_parts(connection, text)
+            parse = statistics.median(times[0]) * 1e6 / batch
+            for (label, _), runs in zip(PARTS, times, strict=True):
+                per = statistics.median(runs) * 1e6 / batch
+                print(f"{label:48} {per:19.2f} {min(runs) * 1e6 / batch:8.2f} {per - parse:15.2f}")
+        finally:
+            await connection.close()
+    finally:
+        await db.drop_database(ADMIN_URL, url)
+
+
+def main() -> int:
+    batch = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    asyncio.run(measure(batch))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
