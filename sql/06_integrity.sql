@@ -33,39 +33,32 @@ CREATE OR REPLACE TRIGGER transfers_belong_to_their_bulk_transfer
     AFTER INSERT ON bps.transfers REFERENCING NEW TABLE AS inserted
     FOR EACH STATEMENT EXECUTE FUNCTION bps.transfers_check_bulk_transfers();
 
--- A transfer never moves to another request or account (its id says which request it belongs to).
-CREATE OR REPLACE FUNCTION bps.transfers_keep_their_bulk_transfer() RETURNS trigger
+-- The columns named as the trigger's arguments never change: a transfer never moves to another request or
+-- account (its id says which request it belongs to), and a bulk transfer is never re-keyed (its transfers
+-- are the primary-key range its id gives).
+CREATE OR REPLACE FUNCTION bps.refuse_key_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    key_column text;
 BEGIN
-    IF (NEW.bulk_transfer_id, NEW.bank_account_id) IS DISTINCT FROM (OLD.bulk_transfer_id, OLD.bank_account_id) THEN
-        RAISE EXCEPTION 'transfer % belongs to bulk transfer % on account %; it cannot be moved',
-                        OLD.id, OLD.bulk_transfer_id, OLD.bank_account_id
-            USING ERRCODE = 'foreign_key_violation', TABLE = 'transfers', SCHEMA = 'bps';
-    END IF;
+    FOREACH key_column IN ARRAY TG_ARGV LOOP
+        IF to_jsonb(NEW) -> key_column IS DISTINCT FROM to_jsonb(OLD) -> key_column THEN
+            RAISE EXCEPTION '%.% of the row with id % cannot change: it ties the row to its bulk transfer',
+                            TG_TABLE_NAME, key_column, OLD.id
+                USING ERRCODE = 'foreign_key_violation', TABLE = TG_TABLE_NAME, SCHEMA = TG_TABLE_SCHEMA;
+        END IF;
+    END LOOP;
     RETURN NEW;
 END
 $$;
 
 CREATE OR REPLACE TRIGGER transfers_stay_with_their_bulk_transfer
     BEFORE UPDATE OF bulk_transfer_id, bank_account_id ON bps.transfers
-    FOR EACH ROW EXECUTE FUNCTION bps.transfers_keep_their_bulk_transfer();
-
--- A bulk transfer is never re-keyed: its transfers are the primary-key range its id gives.
-CREATE OR REPLACE FUNCTION bps.bulk_transfers_keep_their_key() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF (NEW.id, NEW.bank_account_id) IS DISTINCT FROM (OLD.id, OLD.bank_account_id) THEN
-        RAISE EXCEPTION 'bulk transfer % on account % cannot change its id or account',
-                        OLD.id, OLD.bank_account_id
-            USING ERRCODE = 'foreign_key_violation', TABLE = 'bulk_transfers', SCHEMA = 'bps';
-    END IF;
-    RETURN NEW;
-END
-$$;
+    FOR EACH ROW EXECUTE FUNCTION bps.refuse_key_change('bulk_transfer_id', 'bank_account_id');
 
 CREATE OR REPLACE TRIGGER bulk_transfers_keep_their_key
     BEFORE UPDATE OF id, bank_account_id ON bps.bulk_transfers
-    FOR EACH ROW EXECUTE FUNCTION bps.bulk_transfers_keep_their_key();
+    FOR EACH ROW EXECUTE FUNCTION bps.refuse_key_change('id', 'bank_account_id');
 
 -- A bulk transfer that still has transfers is not deleted.
 CREATE OR REPLACE FUNCTION bps.bulk_transfers_check_transfers() RETURNS trigger
