@@ -1,11 +1,12 @@
 -- Back to identity ids, a per-row foreign key and the (bulk_transfer_id, position) index. Existing ids are
--- kept (they are unique), and the identity continues after the largest.
+-- kept (they are unique, and stored replays name them), and the identity continues after the largest.
 DROP TYPE bps.transfer_receipt;
 -- The triggers that stood in for the foreign key (sql/06_integrity.sql) go with it.
 DROP TRIGGER IF EXISTS transfers_belong_to_their_bulk_transfer ON bps.transfers;
 DROP TRIGGER IF EXISTS transfers_stay_with_their_bulk_transfer ON bps.transfers;
 DROP TRIGGER IF EXISTS bulk_transfers_keep_their_key ON bps.bulk_transfers;
 DROP TRIGGER IF EXISTS bulk_transfers_keep_their_transfers ON bps.bulk_transfers;
+DROP TRIGGER IF EXISTS bulk_transfers_truncate_with_their_transfers ON bps.bulk_transfers;
 COMMENT ON COLUMN bps.transfers.id IS NULL;
 ALTER TABLE bps.bulk_transfers ADD CONSTRAINT bulk_transfers_id_bank_account_id_key UNIQUE (id, bank_account_id);
 ALTER TABLE bps.transfers

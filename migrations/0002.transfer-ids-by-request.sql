@@ -8,11 +8,26 @@
 -- [bulk_transfer_id * 100000, bulk_transfer_id * 100000 + 99999] (bps.transfers_of reads it).
 --
 -- The link to bps.bulk_transfers stays enforced, checked once per statement instead of once per row:
--- the per-row foreign key becomes statement-level triggers (sql/04_bulk_transfer.sql creates them).
+-- the per-row foreign key becomes statement-level triggers (sql/06_integrity.sql creates them).
+--
+-- Existing transfers are renumbered, and the 201 bodies stored for idempotent replays with them. A 201 a
+-- client received before this migration still names the old ids: read them again with GET
+-- /bulk_transfers/{id}.
 
--- A request can no longer hold more transfers than an id has positions.
+-- A request can no longer hold more transfers than an id has positions (a larger setting is lowered).
+UPDATE bps.settings SET max_transfers_per_request = 100000 WHERE max_transfers_per_request > 100000;
 ALTER TABLE bps.settings
     ADD CONSTRAINT settings_max_transfers_per_request_fits_ids CHECK (max_transfers_per_request <= 100000);
+
+-- Stored replays list their transfers' new ids (rebuilt from the rows, while the (bulk_transfer_id,
+-- position) index still exists).
+UPDATE bps.idempotency_keys AS k
+   SET body = jsonb_set(k.body, '{transfers}', (
+           SELECT jsonb_agg(jsonb_build_object('id', t.bulk_transfer_id * 100000 + t.position,
+                                               'client_reference', t.client_reference) ORDER BY t.position)
+             FROM bps.transfers AS t
+            WHERE t.bulk_transfer_id = k.bulk_transfer_id))
+ WHERE k.bulk_transfer_id IS NOT NULL AND k.body ? 'transfers';
 
 ALTER TABLE bps.account_entries DROP CONSTRAINT account_entries_transfer_id_fkey;
 ALTER TABLE bps.transfers

@@ -218,7 +218,7 @@ BEGIN
             EXIT WHEN FOUND;
             -- A concurrent request spent the money after the lookup. Decide under the account's lock, on
             -- the balance it holds now: a top-up may have come in too, and the debit is tried again.
-            SELECT a.balance_cents INTO balance_seen
+            SELECT a.balance_cents INTO STRICT balance_seen
               FROM bps.bank_accounts AS a
              WHERE a.id = account.id
                FOR NO KEY UPDATE;

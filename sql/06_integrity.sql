@@ -19,7 +19,10 @@ BEGIN
           JOIN named AS n ON n.bulk_transfer_id = b.id AND n.bank_account_id = b.bank_account_id
            FOR KEY SHARE OF b
     )
-    SELECT n.* INTO orphan FROM named AS n LEFT JOIN found AS f ON f.id = n.bulk_transfer_id WHERE f.id IS NULL LIMIT 1;
+    SELECT n.* INTO orphan
+      FROM named AS n
+     WHERE NOT EXISTS (SELECT FROM found AS f WHERE f.id = n.bulk_transfer_id AND f.bank_account_id = n.bank_account_id)
+     LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'insert into bps.transfers names bulk transfer % on account %, which does not exist',
                         orphan.bulk_transfer_id, orphan.bank_account_id
@@ -66,6 +69,12 @@ LANGUAGE plpgsql AS $$
 DECLARE
     kept bigint;
 BEGIN
+    -- The check below must see transfers committed while this delete waited for their KEY SHARE lock; a
+    -- REPEATABLE READ snapshot would not (a foreign key re-checks with a fresh one; a trigger cannot).
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'bulk transfers are deleted at READ COMMITTED, not %', current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
     SELECT d.id INTO kept
       FROM deleted AS d
      WHERE EXISTS (SELECT FROM bps.transfers AS t WHERE t.id BETWEEN d.id * 100000 AND d.id * 100000 + 99999)
@@ -81,3 +90,20 @@ $$;
 CREATE OR REPLACE TRIGGER bulk_transfers_keep_their_transfers
     AFTER DELETE ON bps.bulk_transfers REFERENCING OLD TABLE AS deleted
     FOR EACH STATEMENT EXECUTE FUNCTION bps.bulk_transfers_check_transfers();
+
+-- TRUNCATE fires no delete trigger: after a TRUNCATE of bps.bulk_transfers (CASCADE empties the journal and
+-- the idempotency records too), bps.transfers must be empty as well, i.e. truncated in the same statement.
+CREATE OR REPLACE FUNCTION bps.bulk_transfers_check_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT FROM bps.transfers) THEN
+        RAISE EXCEPTION 'bps.bulk_transfers cannot be truncated while bps.transfers has rows; truncate both'
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'bulk_transfers', SCHEMA = 'bps';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER bulk_transfers_truncate_with_their_transfers
+    AFTER TRUNCATE ON bps.bulk_transfers
+    FOR EACH STATEMENT EXECUTE FUNCTION bps.bulk_transfers_check_truncate();

@@ -346,6 +346,27 @@ async def test_foreign_keys_reject_rows_that_point_nowhere_or_to_another_account
             asyncpg.ForeignKeyViolationError,
             lambda statement=statement: connection.execute(statement, bulk_id, other_account_id),
         )
+    # Nor in a statement that also inserts a rightful transfer of that bulk transfer.
+    await rejects(
+        connection,
+        asyncpg.ForeignKeyViolationError,
+        lambda: connection.execute(
+            """INSERT INTO bps.transfers (id, bank_account_id, bulk_transfer_id, position, counterparty_name,
+                                           counterparty_iban, counterparty_bic, amount_cents, amount_currency,
+                                           description)
+               VALUES ($1 * 100000 + 1, $2, $1, 1, 'n', 'i', 'b', 100, 'EUR', 'd'),
+                      ($1 * 100000 + 2, $3, $1, 2, 'n', 'i', 'b', 100, 'EUR', 'd')""",
+            bulk_id,
+            account_id,
+            other_account_id,
+        ),
+    )
+    # TRUNCATE fires no delete trigger: it must take the transfers along.
+    await rejects(
+        connection,
+        asyncpg.ForeignKeyViolationError,
+        lambda: connection.execute("TRUNCATE bps.bulk_transfers CASCADE"),
+    )
     # A transfer's id is its bulk transfer's id * 100000 + its position, and nothing else.
     await rejects(
         connection,
@@ -355,6 +376,18 @@ async def test_foreign_keys_reject_rows_that_point_nowhere_or_to_another_account
     # Without transfers, a bulk transfer can go.
     await connection.execute("DELETE FROM bps.transfers WHERE id = $1", transfer_id)
     await connection.execute("DELETE FROM bps.bulk_transfers WHERE id = $1", bulk_id)
+
+
+async def test_bulk_transfers_are_deleted_only_at_read_committed(migrated_from_zero):
+    """A REPEATABLE READ snapshot would not see transfers committed while the delete waited for them, so the
+    delete trigger (sql/06_integrity.sql) refuses to run there."""
+    connection = await asyncpg.connect(migrated_from_zero)
+    try:
+        with pytest.raises(asyncpg.InvalidTransactionStateError):
+            async with connection.transaction(isolation="repeatable_read"):
+                await connection.execute("DELETE FROM bps.bulk_transfers WHERE id = -1")
+    finally:
+        await connection.close()
 
 
 async def test_migrating_from_zero_gives_a_working_bulk_transfer(connection):
@@ -503,5 +536,66 @@ async def test_migrations_alone_create_no_function_and_sql_files_create_them_all
             "bps.bulk_transfer(jsonb,text)",
             "bps.create_bank_account(text,text,text,bigint,text,text)",
         } <= signatures
+    finally:
+        await drop_database(url)
+
+
+def apply_migrations_up_to(database_url: str, last_id: str) -> None:
+    """What `yoyo apply` does for the migrations up to and including `last_id`."""
+    backend = get_backend(yoyo_url(database_url))
+    migrations = read_migrations(str(db.MIGRATIONS_DIR))
+    with backend.lock():
+        backend.apply_migrations(backend.to_apply(migrations.filter(lambda m: m.id <= last_id)))
+
+
+async def test_0002_renumbers_the_transfers_of_0001_and_everything_that_names_them():
+    """A database that ran 0001 for a while (identity ids past 200000, a stored replay, a journal entry naming a
+    transfer, a setting above the new ceiling) comes out of 0002 consistent."""
+    url = await create_database("bps_migration_test")
+    try:
+        await asyncio.to_thread(apply_migrations_up_to, url, "0001.initial-schema")
+        connection = await asyncpg.connect(url)
+        try:
+            await connection.execute(
+                """
+                UPDATE bps.settings SET max_transfers_per_request = 200000;
+                INSERT INTO bps.bank_accounts (organization_name, iban, bic, balance_cents)
+                VALUES ('A', 'FR7630006000011234567890189', 'AGRIFRPPXXX', 1000),
+                       ('B', 'DE89370400440532013000', 'DEUTDEFFXXX', 1000);
+                INSERT INTO bps.bulk_transfers (bank_account_id, payload_hash, idempotency_key, transfer_count,
+                                                total_cents, currency)
+                VALUES (1, sha256('a'), 'K', 2, 300, 'EUR'), (2, sha256('b'), NULL, 1, 100, 'EUR');
+                ALTER TABLE bps.transfers ALTER COLUMN id RESTART WITH 200000;
+                INSERT INTO bps.transfers (bank_account_id, bulk_transfer_id, position, counterparty_name,
+                                           counterparty_iban, counterparty_bic, amount_cents, amount_currency,
+                                           description, client_reference)
+                VALUES (1, 1, 0, 'n', 'i', 'b', 100, 'EUR', 'd', 'r0'),
+                       (2, 2, 0, 'n', 'i', 'b', 100, 'EUR', 'd', NULL),
+                       (1, 1, 1, 'n', 'i', 'b', 200, 'EUR', 'd', NULL);
+                INSERT INTO bps.idempotency_keys (bank_account_id, idempotency_key, payload_hash, status, body,
+                                                  bulk_transfer_id)
+                VALUES (1, 'K', sha256('a'), 201,
+                        '{"bulk_transfer_id": 1, "transfers": [{"id": 200000, "client_reference": "r0"},
+                                                               {"id": 200002, "client_reference": null}]}', 1);
+                INSERT INTO bps.account_entries (bank_account_id, account_version, kind, amount_cents,
+                                                 previous_balance_cents, balance_cents, transfer_id)
+                VALUES (1, 1, 'refund', 100, 900, 1000, 200002);
+                """
+            )
+        finally:
+            await connection.close()
+
+        assert await db.migrate(url) == [i for i in MIGRATION_IDS if i > "0001.initial-schema"]
+
+        connection = await asyncpg.connect(url)
+        try:
+            transfers = await connection.fetch("SELECT id, bulk_transfer_id, position FROM bps.transfers ORDER BY id")
+            assert [tuple(t) for t in transfers] == [(100000, 1, 0), (100001, 1, 1), (200000, 2, 0)]
+            body = json.loads(await connection.fetchval("SELECT body FROM bps.idempotency_keys"))
+            assert body["transfers"] == [{"id": 100000, "client_reference": "r0"}, {"id": 100001, "client_reference": None}]
+            assert await connection.fetchval("SELECT transfer_id FROM bps.account_entries") == 100001
+            assert await connection.fetchval("SELECT max_transfers_per_request FROM bps.settings") == 100_000
+        finally:
+            await connection.close()
     finally:
         await drop_database(url)
