@@ -2,10 +2,12 @@
 -- returns a machine-readable code, or NULL when the value is fine; bps.bulk_transfer's fast path and its
 -- detailed error list are two aggregations over these same functions, so every rule is written once.
 
--- A string without the white space around it (spaces, tabs, line breaks), as names are compared.
+-- A string without the white space around it, as names are compared and blank fields are found: every
+-- character Unicode calls White_Space (tabs, line breaks, spaces, no-break and ideographic spaces, ...).
 CREATE OR REPLACE FUNCTION bps.trim_space(value text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT btrim(value, E' \t\n\r\f\v')
+    SELECT btrim(value, E' \t\n\r\f\v\u0085\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005'
+                        '\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000')
 $$;
 
 -- The longest text each field may hold (CONTRACT.md section 1).
@@ -73,13 +75,13 @@ $$;
 
 -- What is wrong with the text of a JSON string field (NULL when absent): blank, or longer than its field
 -- allows; NULL when it is fine. Cheap for the common case, as it runs for every field of every transfer:
--- a value that does not start with white space is not blank, and one with no more bytes than the limit
--- has no more characters (only then are the spaces trimmed or the characters counted).
+-- a value that starts with a visible ASCII character is not blank, and one with no more bytes than the
+-- limit has no more characters (only otherwise is the value trimmed, or its characters counted).
 CREATE OR REPLACE FUNCTION bps.string_problem(value text, field text, required boolean) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE
         WHEN value IS NULL THEN CASE WHEN required THEN 'required' END
-        WHEN ascii(value) IN (0, 9, 10, 11, 12, 13, 32) AND bps.trim_space(value) = '' THEN 'empty'
+        WHEN ascii(value) NOT BETWEEN 33 AND 126 AND bps.trim_space(value) = '' THEN 'empty'
         WHEN octet_length(value) > bps.field_max_length(field) AND length(value) > bps.field_max_length(field)
             THEN 'too_long'
     END

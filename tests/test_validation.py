@@ -87,6 +87,15 @@ async def test_empty_transfer_field_is_rejected(client, make_account, pool, fiel
     await assert_rejected_unchanged(client, pool, account, payload, {f"/credit_transfers/0/{field}"})
 
 
+@pytest.mark.parametrize("blank", [" ", "\t\r\n", "\u00a0", "\u3000\u2003", "\u2028 \u202f"], ids=repr)
+async def test_transfer_field_of_white_space_only_is_empty(client, make_account, pool, blank):
+    """Blank is blank whatever the white space: every character Unicode calls White_Space counts."""
+    account = await make_account()
+    payload = request_for(account, [transfer("1.00", counterparty_name=blank, description=f"{blank}x{blank}")])
+    errors = await assert_rejected_unchanged(client, pool, account, payload, {"/credit_transfers/0/counterparty_name"})
+    assert [e["code"] for e in errors] == ["empty"]
+
+
 @pytest.mark.parametrize("field", ["organization_iban", "organization_bic"])
 async def test_empty_top_level_field_is_rejected(client, make_account, pool, field):
     account = await make_account()
@@ -376,7 +385,7 @@ FIELD_CANDIDATES = {
     "amount": ["14.50", "0.01", "999999999.99", "1000000000", "0", "0.00", "00012.3", "1.234", "1e3", " 1", "",
                "-1", "0" * 40 + "1", "9" * 40, None],
     "currency": ["EUR", "USD", "eur", "", None],
-    "counterparty_name": ["Bip Bip", "N" * 70, "N" * 71, "  ", "\t\n", "é" * 70, None],
+    "counterparty_name": ["Bip Bip", "N" * 70, "N" * 71, "  ", "\t\n", "\u00a0\u3000", "\u00a0N", "é" * 70, None],
     "counterparty_iban": ["DE89370400440532013000", "EE383680981021245685", "I" * 34, "I" * 35, " ", None],
     "counterparty_bic": ["DEUTDEFF", "DEUTDEFF500", "DEUTDEF", "B" * 12, "", None],
     "description": ["Invoice", "D" * 140, "D" * 141, " \r ", None],
