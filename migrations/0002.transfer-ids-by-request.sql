@@ -59,3 +59,10 @@ COMMENT ON COLUMN bps.transfers.id IS
 
 -- What bps.bulk_transfer's 201 body lists per transfer (to_jsonb of an array of these is its fastest form).
 CREATE TYPE bps.transfer_receipt AS (id bigint, client_reference text);
+
+-- The account a bulk transfer or an idempotency key names is checked at commit, when bps.bulk_transfer holds
+-- the account's row lock already. Checked at once, the foreign key's KEY SHARE lock on a busy account row
+-- met another request's debit lock and made PostgreSQL build a multixact for the pair, on every request
+-- to a hot account.
+ALTER TABLE bps.bulk_transfers ALTER CONSTRAINT bulk_transfers_bank_account_id_fkey DEFERRABLE INITIALLY DEFERRED;
+ALTER TABLE bps.idempotency_keys ALTER CONSTRAINT idempotency_keys_bank_account_id_fkey DEFERRABLE INITIALLY DEFERRED;

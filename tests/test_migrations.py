@@ -311,8 +311,16 @@ async def test_foreign_keys_reject_rows_that_point_nowhere_or_to_another_account
     other_account_id = await new_account(connection)
     bulk_id = await new_bulk_transfer(connection, account_id)
     missing = 2**40  # times 100000 still a bigint: a transfer of it has an id
-    # A bulk transfer of an account that does not exist.
-    await rejects(connection, asyncpg.ForeignKeyViolationError, lambda: new_bulk_transfer(connection, missing))
+    # A bulk transfer of an account that does not exist (checked at commit: the foreign key is deferred, see
+    # migrations/0002; SET CONSTRAINTS ALL IMMEDIATE checks it now).
+    async def bulk_transfer_of_a_missing_account() -> None:
+        await new_bulk_transfer(connection, missing)
+        await connection.execute("SET CONSTRAINTS ALL IMMEDIATE")
+
+    await rejects(connection, asyncpg.ForeignKeyViolationError, bulk_transfer_of_a_missing_account)
+    assert await connection.fetchval(
+        "SELECT condeferred FROM pg_constraint WHERE conname = 'bulk_transfers_bank_account_id_fkey'"
+    )
     # A transfer of a bulk transfer that does not exist.
     await rejects(
         connection, asyncpg.ForeignKeyViolationError, lambda: insert_transfer(connection, account_id, missing)
@@ -361,7 +369,9 @@ async def test_foreign_keys_reject_rows_that_point_nowhere_or_to_another_account
             other_account_id,
         ),
     )
-    # TRUNCATE fires no delete trigger: it must take the transfers along.
+    # TRUNCATE fires no delete trigger: it must take the transfers along. (TRUNCATE refuses to run while
+    # deferred foreign-key checks are pending: run them first.)
+    await connection.execute("SET CONSTRAINTS ALL IMMEDIATE")
     await rejects(
         connection,
         asyncpg.ForeignKeyViolationError,
