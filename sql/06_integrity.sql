@@ -71,7 +71,7 @@ DECLARE
 BEGIN
     -- The check below must see transfers committed while this delete waited for their KEY SHARE lock; a
     -- REPEATABLE READ snapshot would not (a foreign key re-checks with a fresh one; a trigger cannot).
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
+    IF NOT bps.at_read_committed() THEN
         RAISE EXCEPTION 'bulk transfers are deleted at READ COMMITTED, not %', current_setting('transaction_isolation')
             USING ERRCODE = 'invalid_transaction_state';
     END IF;
