@@ -311,6 +311,7 @@ async def test_foreign_keys_reject_rows_that_point_nowhere_or_to_another_account
     other_account_id = await new_account(connection)
     bulk_id = await new_bulk_transfer(connection, account_id)
     missing = 2**40  # times 100000 still a bigint: a transfer of it has an id
+
     # A bulk transfer of an account that does not exist (checked at commit: the foreign key is deferred, see
     # migrations/0002; SET CONSTRAINTS ALL IMMEDIATE checks it now).
     async def bulk_transfer_of_a_missing_account() -> None:
@@ -602,7 +603,10 @@ async def test_0002_renumbers_the_transfers_of_0001_and_everything_that_names_th
             transfers = await connection.fetch("SELECT id, bulk_transfer_id, position FROM bps.transfers ORDER BY id")
             assert [tuple(t) for t in transfers] == [(100000, 1, 0), (100001, 1, 1), (200000, 2, 0)]
             body = json.loads(await connection.fetchval("SELECT body FROM bps.idempotency_keys"))
-            assert body["transfers"] == [{"id": 100000, "client_reference": "r0"}, {"id": 100001, "client_reference": None}]
+            assert body["transfers"] == [
+                {"id": 100000, "client_reference": "r0"},
+                {"id": 100001, "client_reference": None},
+            ]
             assert await connection.fetchval("SELECT transfer_id FROM bps.account_entries") == 100001
             assert await connection.fetchval("SELECT max_transfers_per_request FROM bps.settings") == 100_000
         finally:
