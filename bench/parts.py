@@ -59,7 +59,7 @@ PARTS = [
     ("dedup hash of the canonical payload", "SELECT sha256(convert_to($1::jsonb::text, 'UTF8')) IS NULL"),
     (
         "the 201's list of ids and references",
-        f"""SELECT to_jsonb(array_agg((7::bigint * 100000 + r.n - 1, r.reference)::bps.transfer_receipt
+        f"""SELECT to_jsonb(array_agg((bps.transfer_id(7, r.n - 1), r.reference)::bps.transfer_receipt
                                       ORDER BY r.n)) IS NULL
               FROM unnest((SELECT array_agg(t.client_reference)
                              FROM jsonb_to_recordset({TRANSFERS}) AS t(client_reference text)))

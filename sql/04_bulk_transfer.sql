@@ -12,6 +12,23 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
                            'shortfall_cents', required_cents - balance_cents))
 $$;
 
+-- A transfer's id: its bulk transfer's id * 100000 + its position in the request, 0 to 99999
+-- (migrations/0002 enforces it with a CHECK). Inlined by the planner wherever it is called.
+CREATE OR REPLACE FUNCTION bps.transfer_id(bulk_transfer_id bigint, position_in_request bigint) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT bulk_transfer_id * 100000 + position_in_request
+$$;
+
+-- A bulk transfer's transfers, in order: the primary-key range its id gives. Inlined by the planner, so
+-- `FROM bps.transfers_of(42)` is an index range scan (a filter on bulk_transfer_id would scan the table).
+CREATE OR REPLACE FUNCTION bps.transfers_of(bulk_transfer_id bigint) RETURNS SETOF bps.transfers
+LANGUAGE sql STABLE AS $$
+    SELECT * FROM bps.transfers AS t
+     WHERE t.id BETWEEN bps.transfer_id(transfers_of.bulk_transfer_id, 0)
+                    AND bps.transfer_id(transfers_of.bulk_transfer_id, 99999)
+     ORDER BY t.id
+$$;
+
 -- Whether this transaction runs at READ COMMITTED, as what relies on each statement seeing what committed
 -- before it requires. (A SQL function: the planner inlines it, where a PL/pgSQL call cost 2% of a
 -- one-transfer request.)
@@ -178,8 +195,8 @@ BEGIN
         status := 422;
         body := bps.insufficient_funds(account.balance_cents, total_cents);
     ELSE
-        -- The bulk transfer and all its transfers in one statement. A transfer's id is its bulk transfer's
-        -- id * 100000 + its position (migrations/0002), so no id needs reading back.
+        -- The bulk transfer and all its transfers in one statement. Every transfer's id follows from
+        -- bulk_id and its position (bps.transfer_id), so no id needs reading back.
         bulk_id := nextval('bps.bulk_transfers_id_seq');
         WITH bulk AS (
             INSERT INTO bps.bulk_transfers (id, bank_account_id, payload_hash, idempotency_key, transfer_count,
@@ -191,7 +208,7 @@ BEGIN
         INSERT INTO bps.transfers (id, bank_account_id, bulk_transfer_id, position, counterparty_name,
                                    counterparty_iban, counterparty_bic, amount_cents, amount_currency,
                                    description, client_reference)
-        SELECT bulk_id * 100000 + t.n - 1, account.id, bulk_id, t.n - 1, t.counterparty_name,
+        SELECT bps.transfer_id(bulk_id, t.n - 1), account.id, bulk_id, t.n - 1, t.counterparty_name,
                t.counterparty_iban, t.counterparty_bic, bps.cents(t.amount), account.currency,
                t.description, t.client_reference
           FROM ROWS FROM (jsonb_to_recordset(transfers)
@@ -203,7 +220,7 @@ BEGIN
         -- The response's list of each transfer's id and client_reference, built before the lock is taken.
         -- Through a composite type: to_jsonb builds the array in one go (jsonb_agg of jsonb_build_object
         -- cost three times as much per transfer).
-        SELECT to_jsonb(array_agg((bulk_id * 100000 + r.n - 1, r.reference)::bps.transfer_receipt ORDER BY r.n))
+        SELECT to_jsonb(array_agg((bps.transfer_id(bulk_id, r.n - 1), r.reference)::bps.transfer_receipt ORDER BY r.n))
           INTO transfer_items
           FROM unnest(client_refs) WITH ORDINALITY AS r(reference, n);
 
@@ -232,7 +249,7 @@ BEGIN
                FOR NO KEY UPDATE;
             IF balance_seen < total_cents THEN
                 -- Not enough: this request's rows go, and the figures reported are the ones decided on.
-                DELETE FROM bps.transfers AS t WHERE t.id BETWEEN bulk_id * 100000 AND bulk_id * 100000 + 99999;
+                DELETE FROM bps.transfers AS t WHERE t.id IN (SELECT o.id FROM bps.transfers_of(bulk_id) AS o);
                 DELETE FROM bps.bulk_transfers AS b WHERE b.id = bulk_id;
                 bulk_id := NULL;
                 status := 422;

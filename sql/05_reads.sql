@@ -1,14 +1,5 @@
 -- The read side: views a DBA queries, and the function behind GET /bulk_transfers/{id}.
 
--- A bulk transfer's transfers, in order: the primary-key range its id gives (migrations/0002). Inlined
--- by the planner, so `FROM bps.transfers_of(42)` is an index range scan.
-CREATE OR REPLACE FUNCTION bps.transfers_of(bulk_transfer_id bigint) RETURNS SETOF bps.transfers
-LANGUAGE sql STABLE AS $$
-    SELECT * FROM bps.transfers AS t
-     WHERE t.id BETWEEN transfers_of.bulk_transfer_id * 100000 AND transfers_of.bulk_transfer_id * 100000 + 99999
-     ORDER BY t.id
-$$;
-
 -- Each bulk transfer with its status derived from its transfers (they are executed one by one later).
 CREATE OR REPLACE VIEW bps.bulk_transfer_summaries AS
 SELECT b.id, b.bank_account_id, b.idempotency_key, b.transfer_count, b.total_cents, b.currency, b.created_at,

@@ -77,7 +77,7 @@ BEGIN
     END IF;
     SELECT d.id INTO kept
       FROM deleted AS d
-     WHERE EXISTS (SELECT FROM bps.transfers AS t WHERE t.id BETWEEN d.id * 100000 AND d.id * 100000 + 99999)
+     WHERE EXISTS (SELECT FROM bps.transfers_of(d.id))
      LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'bulk transfer % still has transfers', kept

@@ -179,9 +179,7 @@ async def new_bulk_transfer(connection: asyncpg.Connection, account_id: int) -> 
 
 
 async def insert_transfer(connection: asyncpg.Connection, account_id: int, bulk_id: int, **overrides) -> int:
-    position = overrides.get("position", 0)
     row = {
-        "id": bulk_id * 100_000 + position,  # migrations/0002: a transfer's id is its request's id * 100000 + position
         "bank_account_id": account_id,
         "bulk_transfer_id": bulk_id,
         "position": 0,
@@ -195,8 +193,10 @@ async def insert_transfer(connection: asyncpg.Connection, account_id: int, bulk_
     }
     columns = ", ".join(row)
     placeholders = ", ".join(f"${i}" for i in range(1, len(row) + 1))
+    # The id follows from the bulk transfer and the position ($2 and $3), as bps.transfer_id says.
     return await connection.fetchval(
-        f"INSERT INTO bps.transfers ({columns}) VALUES ({placeholders}) RETURNING id", *row.values()
+        f"INSERT INTO bps.transfers (id, {columns}) VALUES (bps.transfer_id($2, $3), {placeholders}) RETURNING id",
+        *row.values(),
     )
 
 
@@ -363,8 +363,8 @@ async def test_foreign_keys_reject_rows_that_point_nowhere_or_to_another_account
             """INSERT INTO bps.transfers (id, bank_account_id, bulk_transfer_id, position, counterparty_name,
                                            counterparty_iban, counterparty_bic, amount_cents, amount_currency,
                                            description)
-               VALUES ($1 * 100000 + 1, $2, $1, 1, 'n', 'i', 'b', 100, 'EUR', 'd'),
-                      ($1 * 100000 + 2, $3, $1, 2, 'n', 'i', 'b', 100, 'EUR', 'd')""",
+               VALUES (bps.transfer_id($1, 1), $2, $1, 1, 'n', 'i', 'b', 100, 'EUR', 'd'),
+                      (bps.transfer_id($1, 2), $3, $1, 2, 'n', 'i', 'b', 100, 'EUR', 'd')""",
             bulk_id,
             account_id,
             other_account_id,

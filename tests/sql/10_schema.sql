@@ -77,13 +77,13 @@ RETURNING id AS bulk_id \gset
 SELECT throws_ok(
     format($$INSERT INTO bps.transfers (id, bank_account_id, bulk_transfer_id, position, counterparty_name,
                                         counterparty_iban, counterparty_bic, amount_cents, amount_currency, description)
-             VALUES (%s::bigint * 100000, %s, %s, 0, 'Bip Bip', 'EE383680981021245685', 'CRLYFRPPTOU', 0, 'EUR', 'Wonderland')$$,
+             VALUES (bps.transfer_id(%s, 0), %s, %s, 0, 'Bip Bip', 'EE383680981021245685', 'CRLYFRPPTOU', 0, 'EUR', 'Wonderland')$$,
            :bulk_id, :account_id, :bulk_id),
     '23514', NULL, 'a transfer of 0 cents is rejected');
 SELECT throws_ok(
     format($$INSERT INTO bps.transfers (id, bank_account_id, bulk_transfer_id, position, counterparty_name,
                                         counterparty_iban, counterparty_bic, amount_cents, amount_currency, description)
-             VALUES (%s::bigint * 100000, %s, %s, 0, 'Bip Bip', 'EE383680981021245685', 'CRLYFRPPTOU', 100, 'EUR', 'Wonderland')$$,
+             VALUES (bps.transfer_id(%s, 0), %s, %s, 0, 'Bip Bip', 'EE383680981021245685', 'CRLYFRPPTOU', 100, 'EUR', 'Wonderland')$$,
            :bulk_id + 1000000, :account_id, :bulk_id + 1000000),
     '23503', NULL, 'a transfer of a bulk transfer that does not exist is rejected');
 
