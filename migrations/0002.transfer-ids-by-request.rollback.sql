@@ -1,6 +1,7 @@
 -- Back to identity ids, a per-row foreign key and the (bulk_transfer_id, position) index. Existing ids are
 -- kept (they are unique, and stored replays name them), and the identity continues after the largest.
 DROP TYPE bps.transfer_receipt;
+DROP TYPE bps.transfer_input CASCADE;  -- with the functions of sql/ that take it
 ALTER TABLE bps.bulk_transfers ALTER CONSTRAINT bulk_transfers_bank_account_id_fkey NOT DEFERRABLE;
 ALTER TABLE bps.idempotency_keys ALTER CONSTRAINT idempotency_keys_bank_account_id_fkey NOT DEFERRABLE;
 -- The triggers that stood in for the foreign key (sql/06_integrity.sql) go with it.

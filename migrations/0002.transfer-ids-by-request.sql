@@ -60,6 +60,18 @@ COMMENT ON COLUMN bps.transfers.id IS
 -- What bps.bulk_transfer's 201 body lists per transfer (to_jsonb of an array of these is its fastest form).
 CREATE TYPE bps.transfer_receipt AS (id bigint, client_reference text);
 
+-- A credit transfer's fields as bps.bulk_transfer reads them, each the text of a JSON string: the one
+-- column list its passes over the request use (jsonb_populate_recordset) and its rules take.
+CREATE TYPE bps.transfer_input AS (
+    amount            text,
+    currency          text,
+    counterparty_name text,
+    counterparty_iban text,
+    counterparty_bic  text,
+    description       text,
+    client_reference  text
+);
+
 -- The account a bulk transfer or an idempotency key names is checked at commit, when bps.bulk_transfer holds
 -- the account's row lock already. Checked at once, the foreign key's KEY SHARE lock on a busy account row
 -- met another request's debit lock and made PostgreSQL build a multixact for the pair, on every request

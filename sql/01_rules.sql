@@ -178,7 +178,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN (object - allowed) = '{}'::jsonb THEN '{}'::jsonb ELSE bps.unknown_fields(object - allowed) END
 $$;
 
--- The keys a transfer may have.
+-- The keys a transfer may have: the fields of bps.transfer_input (tests/test_validation.py checks they agree).
 CREATE OR REPLACE FUNCTION bps.transfer_fields() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT '{amount,currency,counterparty_name,counterparty_iban,counterparty_bic,description,client_reference}'::text[]
@@ -206,20 +206,26 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
 $$;
 
 -- The fast path's form of bps.transfer_problems, for a transfer already known to be an object whose values
--- are all JSON strings, given as text (NULL when absent): true when it breaks no rule. The same field
--- rules, so the two agree (tests/test_validation.py checks it on generated transfers).
-CREATE OR REPLACE FUNCTION bps.transfer_is_valid(amount text, currency text, counterparty_name text,
-                                                 counterparty_iban text, counterparty_bic text,
-                                                 description text, client_reference text,
-                                                 account_currency text, strict boolean) RETURNS boolean
+-- are all JSON strings, read as text (a field is NULL when absent): true when it breaks no rule. The same
+-- field rules, so the two agree (tests/test_validation.py checks it on generated transfers).
+CREATE OR REPLACE FUNCTION bps.transfer_is_valid(t bps.transfer_input, account_currency text, strict boolean)
+RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT amount IS NOT NULL AND bps.amount_is_valid(amount)
-       AND num_nulls(bps.string_problem(counterparty_name, 'counterparty_name', true),
-                     bps.counterparty_iban_problem(counterparty_iban, strict),
-                     bps.counterparty_bic_problem(counterparty_bic, strict),
-                     bps.string_problem(description, 'description', true),
-                     bps.string_problem(client_reference, 'client_reference', false),
-                     bps.currency_problem(currency, account_currency)) = 6
+    SELECT t.amount IS NOT NULL AND bps.amount_is_valid(t.amount)
+       AND num_nulls(bps.string_problem(t.counterparty_name, 'counterparty_name', true),
+                     bps.counterparty_iban_problem(t.counterparty_iban, strict),
+                     bps.counterparty_bic_problem(t.counterparty_bic, strict),
+                     bps.string_problem(t.description, 'description', true),
+                     bps.string_problem(t.client_reference, 'client_reference', false),
+                     bps.currency_problem(t.currency, account_currency)) = 6
+$$;
+
+-- How many of a transfer's known fields it carries: fewer than its JSON object has values means a key
+-- outside bps.transfer_input.
+CREATE OR REPLACE FUNCTION bps.fields_present(t bps.transfer_input) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT num_nonnulls(t.amount, t.currency, t.counterparty_name, t.counterparty_iban, t.counterparty_bic,
+                        t.description, t.client_reference)
 $$;
 
 -- Every rule the request's top level breaks, as {"field": "code"}; '{}' when it is valid.

@@ -97,23 +97,18 @@ BEGIN
        AND a.bic = bps.normalize_bic(payload ->> 'organization_bic');
 
     -- The fast path, for valid requests: two jsonpath scans (in C) show every transfer is an object and
-    -- every value in them a string; then one pass reads the transfers as text columns, checks every field
-    -- rule and totals the amounts. A key outside those columns makes field_count fall short of the values
-    -- jsonpath saw. Any doubt sends the request to the detailed error list below.
+    -- every value in them a string; then one pass reads the transfers as bps.transfer_input (text fields),
+    -- checks every field rule and totals the amounts. A key outside those fields makes field_count fall
+    -- short of the values jsonpath saw. Any doubt sends the request to the detailed error list below.
     IF jsonb_typeof(transfers) = 'array'
        AND NOT jsonb_path_exists(transfers, 'strict $[*] ? (@.type() != "object")') THEN
         value_types := jsonb_path_query_array(transfers, 'lax $[*].*.type()');
         IF value_types - 'string' = '[]' THEN
             SELECT count(*), sum(bps.amount_cents(t.amount)), array_agg(t.client_reference),
-                   sum(num_nonnulls(t.amount, t.currency, t.counterparty_name, t.counterparty_iban,
-                                    t.counterparty_bic, t.description, t.client_reference)),
-                   bool_and(bps.transfer_is_valid(t.amount, t.currency, t.counterparty_name, t.counterparty_iban,
-                                                  t.counterparty_bic, t.description, t.client_reference,
-                                                  account.currency, account.counterparty_check = 'strict'))
+                   sum(bps.fields_present(t)),
+                   bool_and(bps.transfer_is_valid(t, account.currency, account.counterparty_check = 'strict'))
               INTO transfer_count, total_cents, client_refs, field_count, all_valid
-              FROM jsonb_to_recordset(transfers)
-                   AS t(amount text, currency text, counterparty_name text, counterparty_iban text,
-                        counterparty_bic text, description text, client_reference text);
+              FROM jsonb_populate_recordset(NULL::bps.transfer_input, transfers) AS t;
             all_valid := all_valid AND field_count = jsonb_array_length(value_types);
         END IF;
     END IF;
@@ -208,14 +203,10 @@ BEGIN
         INSERT INTO bps.transfers (id, bank_account_id, bulk_transfer_id, position, counterparty_name,
                                    counterparty_iban, counterparty_bic, amount_cents, amount_currency,
                                    description, client_reference)
-        SELECT bps.transfer_id(bulk_id, t.n - 1), account.id, bulk_id, t.n - 1, t.counterparty_name,
-               t.counterparty_iban, t.counterparty_bic, bps.cents(t.amount), account.currency,
+        SELECT bps.transfer_id(bulk_id, t.ordinality - 1), account.id, bulk_id, t.ordinality - 1,
+               t.counterparty_name, t.counterparty_iban, t.counterparty_bic, bps.cents(t.amount), account.currency,
                t.description, t.client_reference
-          FROM ROWS FROM (jsonb_to_recordset(transfers)
-                          AS (amount text, counterparty_name text, counterparty_iban text, counterparty_bic text,
-                              description text, client_reference text))
-               WITH ORDINALITY AS t(amount, counterparty_name, counterparty_iban, counterparty_bic, description,
-                                    client_reference, n);
+          FROM jsonb_populate_recordset(NULL::bps.transfer_input, transfers) WITH ORDINALITY AS t;
 
         -- The response's list of each transfer's id and client_reference, built before the lock is taken.
         -- Through a composite type: to_jsonb builds the array in one go (jsonb_agg of jsonb_build_object

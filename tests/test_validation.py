@@ -433,15 +433,23 @@ async def test_fast_and_detailed_validation_agree_on_every_transfer(pool):
                                              'detailed', detailed))
                     FILTER (WHERE fast IS DISTINCT FROM (detailed = '{}')))[1:5] AS disagreements
           FROM transfers AS t, (VALUES (false), (true)) AS s(strict),
-               jsonb_to_record(t.transfer) AS f(amount text, currency text, counterparty_name text,
-                                               counterparty_iban text, counterparty_bic text, description text,
-                                               client_reference text),
-               LATERAL (SELECT bps.transfer_is_valid(f.amount, f.currency, f.counterparty_name, f.counterparty_iban,
-                                                     f.counterparty_bic, f.description, f.client_reference,
-                                                     'EUR', strict) AS fast,
+               jsonb_populate_record(NULL::bps.transfer_input, t.transfer) AS f,
+               LATERAL (SELECT bps.transfer_is_valid(f, 'EUR', strict) AS fast,
                                bps.transfer_problems(t.transfer, 'EUR', strict) AS detailed) AS v
         """,
         json.dumps(FIELD_CANDIDATES),
     )
     assert disagreements["disagreements"] is None
     assert disagreements["compared"] > 10_000 and 0 < disagreements["valid"] < disagreements["compared"]
+
+
+async def test_the_keys_a_transfer_may_carry_are_the_fields_it_is_read_as(pool):
+    """bps.transfer_fields() (the unknown-key rule) and the type bps.transfer_input (what the fast path reads)
+    name the same fields."""
+    fields = await pool.fetchval("SELECT bps.transfer_fields()")
+    columns = await pool.fetchval(
+        """SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute AS a
+            WHERE a.attrelid = (SELECT typrelid FROM pg_type WHERE oid = 'bps.transfer_input'::regtype)
+              AND a.attnum > 0 AND NOT a.attisdropped"""
+    )
+    assert sorted(fields) == sorted(columns) and len(fields) == 7
