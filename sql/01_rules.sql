@@ -29,14 +29,21 @@ $$;
 DROP FUNCTION IF EXISTS bps.amount_cents(jsonb);
 DROP FUNCTION IF EXISTS bps.amount_is_valid(jsonb);
 
--- A valid wire amount (the text of a JSON string): digits with at most two decimals, more than 0 and at
--- most 999999999.99; never NULL. (One simple regular expression, then a numeric comparison on at most 12
--- significant characters: a regular expression with a look-ahead for "not zero" cost twice as much.)
+-- The value of a wire amount (the text of a JSON string) written as digits with at most two decimals;
+-- 'Infinity' past 12 significant characters (far over any valid amount, and too long to convert safely);
+-- NULL when it is not written so. One simple regular expression: one with a look-ahead for "not zero"
+-- cost twice as much per transfer.
+CREATE OR REPLACE FUNCTION bps.amount_value(amount text) RETURNS numeric
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN amount ~ '^[0-9]+(\.[0-9]{1,2})?$'
+                THEN CASE WHEN length(ltrim(amount, '0')) <= 12 THEN amount::numeric ELSE 'Infinity' END
+           END
+$$;
+
+-- A valid wire amount: more than 0 and at most 999999999.99; never NULL.
 CREATE OR REPLACE FUNCTION bps.amount_is_valid(amount text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN amount ~ '^[0-9]+(\.[0-9]{1,2})?$' AND length(ltrim(amount, '0')) <= 12
-                THEN amount::numeric BETWEEN 0.01 AND 999999999.99
-                ELSE false END
+    SELECT coalesce(bps.amount_value(amount) <@ numrange(0.01, 999999999.99, '[]'), false)
 $$;
 
 -- Cents of an amount bps.amount_is_valid accepts. Exact: the digits go through numeric, never a float.
@@ -60,8 +67,8 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         WHEN jsonb_typeof(amount) = 'number' THEN 'amount_not_string'
         WHEN jsonb_typeof(amount) <> 'string' THEN 'invalid_type'
         WHEN bps.amount_is_valid(amount #>> '{}') THEN NULL
-        WHEN (amount #>> '{}') !~ '^[0-9]+(\.[0-9]{1,2})?$' THEN 'invalid_amount'
-        WHEN length(ltrim(amount #>> '{}', '0')) <= 12 AND (amount #>> '{}')::numeric = 0 THEN 'amount_not_positive'
+        WHEN bps.amount_value(amount #>> '{}') IS NULL THEN 'invalid_amount'
+        WHEN bps.amount_value(amount #>> '{}') = 0 THEN 'amount_not_positive'
         ELSE 'amount_too_large'
     END
 $$;
