@@ -31,10 +31,19 @@ $$;
 
 -- Whether this transaction runs at READ COMMITTED, as what relies on each statement seeing what committed
 -- before it requires. (A SQL function: the planner inlines it, where a PL/pgSQL call cost 2% of a
--- one-transfer request.)
+-- one-transfer request; bps.refuse_isolation_level is called only when the answer is no.)
 CREATE OR REPLACE FUNCTION bps.at_read_committed() RETURNS boolean
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT current_setting('transaction_isolation') = 'read committed'
+$$;
+
+-- The refusal of `what` at any other isolation level.
+CREATE OR REPLACE FUNCTION bps.refuse_isolation_level(what text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% runs at READ COMMITTED, not %', what, current_setting('transaction_isolation')
+        USING ERRCODE = 'invalid_transaction_state';
+END
 $$;
 
 -- Validates, deduplicates and records one bulk transfer, debiting its account once; all or nothing.
@@ -69,8 +78,7 @@ DECLARE
 BEGIN
     -- The duplicate check and the balance check rely on each statement seeing what committed before it.
     IF NOT bps.at_read_committed() THEN
-        RAISE EXCEPTION 'bps.bulk_transfer runs at READ COMMITTED, not %', current_setting('transaction_isolation')
-            USING ERRCODE = 'invalid_transaction_state';
+        PERFORM bps.refuse_isolation_level('bps.bulk_transfer');
     END IF;
     -- Headers for the HTTP layer go in response.headers (see sql/02_responses.sql); none so far.
     PERFORM set_config('response.headers', '{}', true);

@@ -63,24 +63,25 @@ CREATE OR REPLACE TRIGGER bulk_transfers_keep_their_key
     BEFORE UPDATE OF id, bank_account_id ON bps.bulk_transfers
     FOR EACH ROW EXECUTE FUNCTION bps.refuse_key_change('id', 'bank_account_id');
 
--- A bulk transfer that still has transfers is not deleted.
+-- A bulk transfer that still has transfers is neither deleted nor truncated away (TRUNCATE fires no delete
+-- trigger: it must take bps.transfers along in the same statement).
 CREATE OR REPLACE FUNCTION bps.bulk_transfers_check_transfers() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     kept bigint;
 BEGIN
-    -- The check below must see transfers committed while this delete waited for their KEY SHARE lock; a
-    -- REPEATABLE READ snapshot would not (a foreign key re-checks with a fresh one; a trigger cannot).
-    IF NOT bps.at_read_committed() THEN
-        RAISE EXCEPTION 'bulk transfers are deleted at READ COMMITTED, not %', current_setting('transaction_isolation')
-            USING ERRCODE = 'invalid_transaction_state';
+    IF TG_OP = 'TRUNCATE' THEN
+        SELECT t.bulk_transfer_id INTO kept FROM bps.transfers AS t LIMIT 1;
+    ELSE
+        -- The check must see transfers committed while this delete waited for their KEY SHARE lock; a
+        -- REPEATABLE READ snapshot would not (a foreign key re-checks with a fresh one; a trigger cannot).
+        IF NOT bps.at_read_committed() THEN
+            PERFORM bps.refuse_isolation_level('deleting from bps.bulk_transfers');
+        END IF;
+        SELECT d.id INTO kept FROM deleted AS d WHERE EXISTS (SELECT FROM bps.transfers_of(d.id)) LIMIT 1;
     END IF;
-    SELECT d.id INTO kept
-      FROM deleted AS d
-     WHERE EXISTS (SELECT FROM bps.transfers_of(d.id))
-     LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION 'bulk transfer % still has transfers', kept
+    IF kept IS NOT NULL THEN
+        RAISE EXCEPTION 'bulk transfer % still has transfers (a TRUNCATE must take bps.transfers along)', kept
             USING ERRCODE = 'foreign_key_violation', TABLE = 'bulk_transfers', SCHEMA = 'bps';
     END IF;
     RETURN NULL;
@@ -91,19 +92,6 @@ CREATE OR REPLACE TRIGGER bulk_transfers_keep_their_transfers
     AFTER DELETE ON bps.bulk_transfers REFERENCING OLD TABLE AS deleted
     FOR EACH STATEMENT EXECUTE FUNCTION bps.bulk_transfers_check_transfers();
 
--- TRUNCATE fires no delete trigger: after a TRUNCATE of bps.bulk_transfers (CASCADE empties the journal and
--- the idempotency records too), bps.transfers must be empty as well, i.e. truncated in the same statement.
-CREATE OR REPLACE FUNCTION bps.bulk_transfers_check_truncate() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF EXISTS (SELECT FROM bps.transfers) THEN
-        RAISE EXCEPTION 'bps.bulk_transfers cannot be truncated while bps.transfers has rows; truncate both'
-            USING ERRCODE = 'foreign_key_violation', TABLE = 'bulk_transfers', SCHEMA = 'bps';
-    END IF;
-    RETURN NULL;
-END
-$$;
-
 CREATE OR REPLACE TRIGGER bulk_transfers_truncate_with_their_transfers
     AFTER TRUNCATE ON bps.bulk_transfers
-    FOR EACH STATEMENT EXECUTE FUNCTION bps.bulk_transfers_check_truncate();
+    FOR EACH STATEMENT EXECUTE FUNCTION bps.bulk_transfers_check_transfers();
