@@ -17,6 +17,8 @@ from . import system
 from .load import FLOOR_SERVER_SETTINGS, FLOOR_SQL, FLOOR_TABLE
 from .payloads import ORGANIZATION_BIC, ORGANIZATION_NAME, Template, account_iban
 
+# Where fresh databases are made unless BPS_BENCH_ADMIN_URL says otherwise.
+ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 BALANCE_CENTS = 10**14  # no request of the run can exhaust it: every accepted request is a 201
 
 

@@ -1,6 +1,7 @@
 """`python -m bench.parts [BATCH]`: what each part of bps.bulk_transfer costs per transfer, on one connection.
 
-It creates a fresh database, migrates it, opens one account, and times statements that each do one part of
+It creates a fresh database as `make bench` does (BPS_BENCH_ADMIN_URL; migrated, with the floor's table and
+an account), and times statements that each do one part of
 the function's work on the same request body of BATCH transfers (default 10000): the parse of the body
 alone, the floor's insert, the jsonpath type scans, the validation pass, the dedup hash, the 201's list, and
 the whole function. It runs 40 rounds of every part, each run in a transaction that is rolled back (so
@@ -11,6 +12,7 @@ what each costs over the bare parse. The database is dropped at the end. Loopbac
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -19,10 +21,10 @@ import asyncpg
 
 from service import db
 
+from . import database
 from .load import FLOOR_SQL
-from .payloads import ORGANIZATION_BIC, ORGANIZATION_NAME, Template, account_iban
+from .payloads import Template
 
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 RUNS = 40
 WARMUP = 5
 TRANSFERS = "$1::jsonb -> 'credit_transfers'"
@@ -30,7 +32,7 @@ READ = f"jsonb_populate_recordset(NULL::bps.transfer_input, {TRANSFERS})"
 # (label, statement on $1 = the body text): each is one part of the function, as the function writes it.
 PARTS = [
     ("parse the body ($1::jsonb)", "SELECT $1::jsonb IS NULL"),
-    ("floor: parse and insert", FLOOR_SQL.replace("$2", "1").replace("$3", "7")),
+    ("floor: parse and insert", FLOOR_SQL.replace("$3", "7")),  # $2, the account, is set in measure()
     (
         "jsonpath: every transfer an object of strings",
         f"""SELECT jsonb_path_exists({TRANSFERS}, 'strict $[*] ? (@.type() != "object")'),
@@ -71,12 +73,12 @@ async def time_once(connection: asyncpg.Connection, sql: str, body: str) -> floa
     return elapsed
 
 
-async def time_parts(connection: asyncpg.Connection, body: str) -> list[list[float]]:
+async def time_parts(connection: asyncpg.Connection, parts: list[tuple[str, str]], body: str) -> list[list[float]]:
     """RUNS rounds, each running every part once (after WARMUP untimed rounds): a slower spell of the
     machine then touches every part alike instead of the few that ran during it."""
-    times: list[list[float]] = [[] for _ in PARTS]
+    times: list[list[float]] = [[] for _ in parts]
     for round_number in range(WARMUP + RUNS):
-        for index, (_, sql) in enumerate(PARTS):
+        for index, (_, sql) in enumerate(parts):
             elapsed = await time_once(connection, sql, body)
             if round_number >= WARMUP:
                 times[index].append(elapsed)
@@ -84,35 +86,27 @@ async def time_parts(connection: asyncpg.Connection, body: str) -> list[list[flo
 
 
 async def measure(batch: int) -> None:
-    url = await db.create_database(ADMIN_URL, "bps_parts")
+    admin_url = os.environ.get("BPS_BENCH_ADMIN_URL") or database.ADMIN_URL
+    url = await db.create_database(admin_url, "bps_parts")
     try:
-        await db.migrate(url)
+        account_id, iban = (await database.prepare(url, 0, 0))["hot"]
+        parts = [(label, sql.replace("$2", str(account_id))) for label, sql in PARTS]
+        template = Template.build(batch)
+        body = bytearray(template.body)
+        body[template.iban_at : template.iban_at + len(iban)] = iban.encode()
         connection = await asyncpg.connect(url, server_settings={"jit": "off"})
         try:
-            await connection.execute(
-                "CREATE SCHEMA bench; CREATE TABLE bench.floor_transfers (LIKE bps.transfers INCLUDING DEFAULTS);"
-                "ALTER TABLE bench.floor_transfers ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (CACHE 1000),"
-                " ADD PRIMARY KEY (id)"
-            )
-            iban = account_iban(0, 0)
-            await connection.execute(
-                "SELECT bps.create_bank_account($1, $2, $3, $4)", ORGANIZATION_NAME, iban, ORGANIZATION_BIC, 10**14
-            )
-            template = Template.build(batch)
-            body = bytearray(template.body)
-            body[template.iban_at : template.iban_at + len(iban)] = iban.encode()
-            text = body.decode()
             print(f"bps parts: {batch} transfers per request, {RUNS} rounds of rolled-back runs, one connection")
             print(f"{'part':48} {'median us/transfer':>19} {'fastest':>8} {'over the parse':>15}")
-            times = await time_parts(connection, text)
+            times = await time_parts(connection, parts, body.decode())
             parse = statistics.median(times[0]) * 1e6 / batch
-            for (label, _), runs in zip(PARTS, times, strict=True):
+            for (label, _), runs in zip(parts, times, strict=True):
                 per = statistics.median(runs) * 1e6 / batch
                 print(f"{label:48} {per:19.2f} {min(runs) * 1e6 / batch:8.2f} {per - parse:15.2f}")
         finally:
             await connection.close()
     finally:
-        await db.drop_database(ADMIN_URL, url)
+        await db.drop_database(admin_url, url)
 
 
 def main() -> int:

@@ -56,7 +56,6 @@ from service.config import Config
 from . import database, load, report, system
 from .server import ROOT, Profiler, Server, py_spy
 
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 HOST = "127.0.0.1"
 DRAIN_TIMEOUT = 120.0
 CASE_STRIDE = 10**15  # the counter space of one case (see load.SLOT_STRIDE)
@@ -96,7 +95,7 @@ class Settings:
         concurrency = _ints(env.get("BPS_BENCH_CONCURRENCY") or "1,4,16")
         return cls(
             url=env.get("BPS_BENCH_URL") or None,
-            admin_url=env.get("BPS_BENCH_ADMIN_URL") or ADMIN_URL,
+            admin_url=env.get("BPS_BENCH_ADMIN_URL") or database.ADMIN_URL,
             seconds=float(env.get("BPS_BENCH_SECONDS") or 6),
             warmup=float(env.get("BPS_BENCH_WARMUP") or 1),
             batches=_ints(env.get("BPS_BENCH_BATCHES") or "1,10,100,1000,10000"),

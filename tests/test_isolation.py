@@ -6,6 +6,8 @@ import asyncpg
 import pytest
 from support import balance_of, request_for, transfer
 
+from service import db
+
 
 @pytest.mark.parametrize("isolation", ["repeatable_read", "serializable"])
 async def test_bulk_transfer_refuses_to_run_above_read_committed(pool, make_account, isolation):
@@ -22,7 +24,7 @@ async def test_bulk_transfer_refuses_to_run_above_read_committed(pool, make_acco
 async def test_service_connections_run_at_read_committed_whatever_the_database_default(
     client, make_account, pool, database_url
 ):
-    database = database_url.rsplit("/", 1)[1]
+    database = db.database_name(database_url)
     await pool.execute(f"ALTER DATABASE \"{database}\" SET default_transaction_isolation = 'repeatable read'")
     try:
         account = await make_account(10_000)
