@@ -57,15 +57,18 @@ async def warm_pool(pool: asyncpg.Pool, size: int) -> None:
         await pool.release(connection)
 
 
-def _yoyo_url(database_url: str) -> str:
+def yoyo_url(database_url: str) -> str:
+    """The database URL as yoyo (through psycopg) takes it."""
     scheme, rest = database_url.split("://", 1)
     return f"postgresql+psycopg://{rest}" if scheme in ("postgres", "postgresql") else database_url
 
 
-def apply_migrations(database_url: str) -> list[str]:
-    """Applies pending yoyo migrations; returns the ids applied."""
-    backend = get_backend(_yoyo_url(database_url))
+def apply_migrations(database_url: str, up_to: str | None = None) -> list[str]:
+    """Applies pending yoyo migrations (those up to and including `up_to`, when given); returns the ids applied."""
+    backend = get_backend(yoyo_url(database_url))
     migrations = read_migrations(str(MIGRATIONS_DIR))
+    if up_to is not None:
+        migrations = migrations.filter(lambda m: m.id <= up_to)
     with backend.lock():
         pending = backend.to_apply(migrations)
         backend.apply_migrations(pending)

@@ -97,13 +97,9 @@ FOOTPRINT_SQL = """
 """
 
 
-def yoyo_url(database_url: str) -> str:
-    return "postgresql+psycopg://" + database_url.split("://", 1)[1]
-
-
 def rollback_all_migrations(database_url: str) -> list[str]:
     """What `yoyo rollback` does for every applied migration, newest first; returns the ids rolled back."""
-    backend = get_backend(yoyo_url(database_url))
+    backend = get_backend(db.yoyo_url(database_url))
     migrations = read_migrations(str(db.MIGRATIONS_DIR))
     with backend.lock():
         to_rollback = backend.to_rollback(migrations)
@@ -551,20 +547,12 @@ async def test_migrations_alone_create_no_function_and_sql_files_create_them_all
         await drop_database(url)
 
 
-def apply_migrations_up_to(database_url: str, last_id: str) -> None:
-    """What `yoyo apply` does for the migrations up to and including `last_id`."""
-    backend = get_backend(yoyo_url(database_url))
-    migrations = read_migrations(str(db.MIGRATIONS_DIR))
-    with backend.lock():
-        backend.apply_migrations(backend.to_apply(migrations.filter(lambda m: m.id <= last_id)))
-
-
 async def test_0002_renumbers_the_transfers_of_0001_and_everything_that_names_them():
     """A database that ran 0001 for a while (identity ids past 200000, a stored replay, a journal entry naming a
     transfer, a setting above the new ceiling) comes out of 0002 consistent."""
     url = await create_database("bps_migration_test")
     try:
-        await asyncio.to_thread(apply_migrations_up_to, url, "0001.initial-schema")
+        await asyncio.to_thread(db.apply_migrations, url, "0001.initial-schema")
         connection = await asyncpg.connect(url)
         try:
             await connection.execute(
