@@ -19,12 +19,27 @@ UPDATE bps.settings SET max_transfers_per_request = 100000 WHERE max_transfers_p
 ALTER TABLE bps.settings
     ADD CONSTRAINT settings_max_transfers_per_request_fits_ids CHECK (max_transfers_per_request <= 100000);
 
--- Stored replays list their transfers' new ids (rebuilt from the rows, while the (bulk_transfer_id,
--- position) index still exists).
+-- What bps.bulk_transfer's 201 body lists per transfer (to_jsonb of an array of these is its fastest form).
+CREATE TYPE bps.transfer_receipt AS (id bigint, client_reference text);
+
+-- A credit transfer's fields as bps.bulk_transfer reads them, each the text of a JSON string: the one
+-- column list its passes over the request use (jsonb_populate_recordset) and its rules take.
+CREATE TYPE bps.transfer_input AS (
+    amount            text,
+    currency          text,
+    counterparty_name text,
+    counterparty_iban text,
+    counterparty_bic  text,
+    description       text,
+    client_reference  text
+);
+
+-- Stored replays list their transfers' new ids as bps.bulk_transfer lists them (rebuilt from the rows,
+-- while the (bulk_transfer_id, position) index still exists).
 UPDATE bps.idempotency_keys AS k
    SET body = jsonb_set(k.body, '{transfers}', (
-           SELECT jsonb_agg(jsonb_build_object('id', t.bulk_transfer_id * 100000 + t.position,
-                                               'client_reference', t.client_reference) ORDER BY t.position)
+           SELECT to_jsonb(array_agg((t.bulk_transfer_id * 100000 + t.position,
+                                      t.client_reference)::bps.transfer_receipt ORDER BY t.position))
              FROM bps.transfers AS t
             WHERE t.bulk_transfer_id = k.bulk_transfer_id))
  WHERE k.bulk_transfer_id IS NOT NULL AND k.body ? 'transfers';
@@ -56,21 +71,6 @@ ALTER TABLE bps.bulk_transfers DROP CONSTRAINT bulk_transfers_id_bank_account_id
 
 COMMENT ON COLUMN bps.transfers.id IS
     'bulk_transfer_id * 100000 + position: a request''s transfers are one primary-key range (see bps.transfers_of)';
-
--- What bps.bulk_transfer's 201 body lists per transfer (to_jsonb of an array of these is its fastest form).
-CREATE TYPE bps.transfer_receipt AS (id bigint, client_reference text);
-
--- A credit transfer's fields as bps.bulk_transfer reads them, each the text of a JSON string: the one
--- column list its passes over the request use (jsonb_populate_recordset) and its rules take.
-CREATE TYPE bps.transfer_input AS (
-    amount            text,
-    currency          text,
-    counterparty_name text,
-    counterparty_iban text,
-    counterparty_bic  text,
-    description       text,
-    client_reference  text
-);
 
 -- The account a bulk transfer or an idempotency key names is checked at commit, when bps.bulk_transfer holds
 -- the account's row lock already. Checked at once, the foreign key's KEY SHARE lock on a busy account row
