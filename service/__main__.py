@@ -12,7 +12,7 @@ import sys
 
 from aiohttp import web
 
-from . import db, embedded
+from . import db, embedded, logs
 from .app import create_app
 from .config import Config
 
@@ -29,7 +29,8 @@ def serve_one(config: Config) -> None:
         host=config.host,
         port=config.port,
         reuse_port=config.workers > 1,
-        access_log=log if config.access_log else None,
+        access_log=logging.getLogger("bps.access") if config.access_log else None,
+        access_log_class=logs.AccessLogger,
         shutdown_timeout=config.shutdown_timeout_seconds,
         print=lambda message: log.info(message.strip()),
     )
@@ -60,26 +61,41 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="serve HTTP on BPS_HOST:BPS_PORT")
     serve_parser.add_argument("--migrate", action="store_true", help="migrate the database first")
-    serve_parser.add_argument("--seed-demo", action="store_true", help="create the demo account first")
+    serve_parser.add_argument(
+        "--seed-demo", action="store_true", help="create the demo account first, and print a new API key for it"
+    )
     commands.add_parser("migrate", help="apply migrations and re-apply the sql/ functions")
-    commands.add_parser("seed-demo", help="create the seed's demo account (ACME Corp) unless it exists")
+    commands.add_parser(
+        "seed-demo", help="create the seed's demo account (ACME Corp) unless it exists, and print a new API key for it"
+    )
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = Config.from_env()
+    logs.configure(config.log_format, config.log_level)
     server = None
-    if config.database_url is None:
+    if config.database_url is None and config.service_database_url is None:
         server, url = embedded.start()
         config = dataclasses.replace(config, database_url=url)
         log.info("DATABASE_URL is not set: using the embedded PostgreSQL in %s", embedded.PGDATA)
+    migrating = args.command == "migrate" or getattr(args, "migrate", False)
+    seeding = args.command == "seed-demo" or getattr(args, "seed_demo", False)
+    if (migrating or seeding) and config.database_url is None:
+        parser.error("migrating and seeding need the owner's DATABASE_URL")
 
-    if args.command == "migrate" or getattr(args, "migrate", False):
+    if migrating:
         applied = asyncio.run(db.migrate(config.database_url))
         log.info("migrated (%d new migrations), functions re-applied", len(applied))
-    if args.command == "seed-demo" or getattr(args, "seed_demo", False):
-        created = asyncio.run(db.seed_demo(config.database_url))
-        log.info("demo account %s", "created" if created else "already present")
+    if seeding:
+        created, key = asyncio.run(db.seed_demo(config.database_url))
+        log.info(
+            "demo account %s; a new demo API key was made (printed on stdout, not logged)",
+            "created" if created else "already present",
+        )
+        # On stdout, once, for the person who ran the command; never through logging.
+        print(f"\nThe demo account's API key (shown only now):\n\n    export BPS_API_KEY={key}\n", flush=True)
     if args.command == "serve":
+        if config.service_database_url is None:
+            config = dataclasses.replace(config, service_database_url=asyncio.run(db.login_url(config.database_url)))
         log.info("serving on http://%s:%d with %d worker(s)", config.host, config.port, config.workers)
         serve(config)
     if server is not None:

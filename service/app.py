@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
+from time import perf_counter
 
 import asyncpg
 from aiohttp import web
@@ -12,31 +14,44 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from . import db
+from .access import bearer_key
 from .config import Config
+from .logs import ACCOUNT_ID, API_KEY_ID, REQUEST_ID, STARTED
 
 log = logging.getLogger("bps")
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
 
-# The function sets response.headers (PostgREST's convention); it is read in the same statement.
-BULK_TRANSFER_SQL = (
-    "SELECT r.status, r.body::text, current_setting('response.headers', true) "
-    "FROM bps.bulk_transfer($1::jsonb, $2) AS r"
+# The entry points of schema bps_api, the only functions the service's database role may execute. They set
+# response.headers (PostgREST's convention) and name the account and key of the call for the access log in
+# response.account_id and response.api_key_id; all are read in the same statement.
+ANSWER = (
+    "r.status, r.body::text, current_setting('response.headers', true), "
+    "current_setting('response.account_id', true), current_setting('response.api_key_id', true)"
 )
-GET_BULK_TRANSFER_SQL = "SELECT r.status, r.body::text FROM bps.get_bulk_transfer($1) AS r"
+BULK_TRANSFER_SQL = f"SELECT {ANSWER} FROM bps_api.bulk_transfer($1, $2, $3) AS r(status, body)"
+GET_BULK_TRANSFER_SQL = f"SELECT {ANSWER} FROM bps_api.get_bulk_transfer($1, $2) AS r"
+AUTHENTICATE_SQL = f"SELECT {ANSWER} FROM bps_api.authenticate($1, $2) AS r"
 
 # Titles of the problems the service answers itself; sql/02_responses.sql titles the function's.
 PROBLEM_TITLES = {
     "invalid_json": "Request body is not a JSON object",
-    "bulk_transfer_not_found": "Bulk transfer not found",
+    "unauthorized": "Unauthorized",
     "not_found": "Not found",
     "method_not_allowed": "Method not allowed",
     "payload_too_large": "Payload too large",
     "unsupported_media_type": "Unsupported media type",
     "service_unavailable": "Service unavailable",
+    "internal_error": "Internal error",
 }
-BIGINT_MAX = 2**63 - 1
+# What bps.unauthorized() answers, for a key refused before the database is asked (tests/test_access.py
+# checks the two agree).
+UNAUTHORIZED_DETAIL = (
+    "A valid API key is required: send it as Authorization: Bearer <key>. Missing, malformed, unknown, "
+    "revoked and expired keys are refused alike."
+)
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="bps"'}
 ACCEPTED_ENCODINGS = ("identity", "gzip")
 
 # What the database says when it is down, restarting, full, or too slow: the client should retry.
@@ -77,13 +92,14 @@ def unavailable(request: web.Request) -> web.Response:
     )
 
 
-def is_unreadable_json(error: asyncpg.PostgresError) -> bool:
-    """True when PostgreSQL could not read the body as jsonb (bad syntax, \\u0000, a number out of range,
-    nesting too deep): the error arose converting parameter $1, before the function ran."""
-    return "portal parameter $1" in (getattr(error, "context", None) or "")
+def unauthorized() -> web.Response:
+    return problem(401, "unauthorized", UNAUTHORIZED_DETAIL, headers=CHALLENGE)
 
 
-def function_response(status: int, body: str, headers: str | None = None) -> web.Response:
+def function_response(request: web.Request, answer: asyncpg.Record) -> web.Response:
+    """The HTTP answer of a bps_api function: its status, body and headers; the account and key it was for
+    go to the access log."""
+    status, body, headers, account_id, api_key_id = answer
     response = web.Response(
         status=status,
         body=body.encode(),
@@ -91,7 +107,33 @@ def function_response(status: int, body: str, headers: str | None = None) -> web
     )
     if headers:
         response.headers.update(json.loads(headers))
+    request[ACCOUNT_ID] = account_id
+    request[API_KEY_ID] = api_key_id
     return response
+
+
+async def fetch(request: web.Request, sql: str, *args) -> asyncpg.Record | None:
+    """The row of one statement on a pooled connection; None when the database cannot answer."""
+    try:
+        async with request.app[POOL].acquire(timeout=request.app[CONFIG].pool_timeout_seconds) as connection:
+            return await connection.fetchrow(sql, *args)
+    except UNAVAILABLE:
+        return None
+
+
+async def call(request: web.Request, sql: str, *args) -> web.Response:
+    """The answer of a bps_api function; 503 when the database cannot answer."""
+    answer = await fetch(request, sql, *args)
+    return unavailable(request) if answer is None else function_response(request, answer)
+
+
+async def refuse(request: web.Request, key: str, scope: str, refusal: web.Response) -> web.Response:
+    """`refusal` (a request the service turns away itself) for a key the database accepts; the key's own
+    refusal (401, 403) otherwise: a client without a valid key learns nothing else about its request."""
+    answer = await fetch(request, AUTHENTICATE_SQL, key, scope)
+    if answer is None:
+        return unavailable(request)
+    return refusal if answer[0] is None else function_response(request, answer)
 
 
 def is_text(value: str) -> bool:
@@ -109,7 +151,8 @@ def is_json(content_type: str) -> bool:
     )
 
 
-async def post_bulk_transfer(request: web.Request) -> web.Response:
+async def read_body(request: web.Request) -> str | web.Response:
+    """The body as text, or the problem that refuses its envelope (type, coding, size, framing, UTF-8)."""
     if not is_json(request.content_type):
         return problem(415, "unsupported_media_type", "Send the request as Content-Type: application/json.")
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
@@ -121,6 +164,8 @@ async def post_bulk_transfer(request: web.Request) -> web.Response:
             f"Content-Encoding {encoding!r} is not accepted; send the body as is or gzip-compressed.",
             headers={"Accept-Encoding": "gzip"},
         )
+    if (request.content_length or 0) > request.app[CONFIG].max_body_bytes:
+        return too_large(request)
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -132,34 +177,31 @@ async def post_bulk_transfer(request: web.Request) -> web.Response:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return problem(400, "invalid_json", "The request body is not valid UTF-8 JSON.")
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not is_text(key):
+    if "\x00" in text:
+        # PostgreSQL text cannot hold it, and JSON does not allow it unescaped.
+        return problem(400, "invalid_json", "The request body is not valid JSON: it holds a NUL character.")
+    return text
+
+
+async def post_bulk_transfer(request: web.Request) -> web.Response:
+    key = bearer_key(request.headers.get("Authorization"))
+    if key is None:
+        return unauthorized()
+    body = await read_body(request)
+    if isinstance(body, web.Response):
+        return await refuse(request, key, "transfers:write", body)
+    idempotency_key = request.headers.get("Idempotency-Key")
+    if idempotency_key is not None and not is_text(idempotency_key):
         # PostgreSQL cannot even receive it: send the empty key, which the function refuses like any bad key.
-        key = ""
-    try:
-        async with request.app[POOL].acquire(timeout=request.app[CONFIG].pool_timeout_seconds) as connection:
-            status, body, headers = await connection.fetchrow(BULK_TRANSFER_SQL, text, key)
-    except UNAVAILABLE:
-        return unavailable(request)
-    except asyncpg.PostgresError as error:
-        if is_unreadable_json(error):
-            reason = " ".join(f"{error.message}. {error.detail or ''}".split())
-            return problem(400, "invalid_json", f"The request body is not valid JSON: {reason}")
-        raise
-    return function_response(status, body, headers)
+        idempotency_key = ""
+    return await call(request, BULK_TRANSFER_SQL, key, body, idempotency_key)
 
 
 async def get_bulk_transfer(request: web.Request) -> web.Response:
-    raw_id = request.match_info["id"]
-    if not (raw_id.isascii() and raw_id.isdigit()) or int(raw_id) > BIGINT_MAX:
-        return problem(404, "bulk_transfer_not_found", f"There is no bulk transfer {raw_id!r}.")
-    bulk_transfer_id = int(raw_id)
-    try:
-        async with request.app[POOL].acquire(timeout=request.app[CONFIG].pool_timeout_seconds) as connection:
-            status, body = await connection.fetchrow(GET_BULK_TRANSFER_SQL, bulk_transfer_id)
-    except UNAVAILABLE:
-        return unavailable(request)
-    return function_response(status, body)
+    key = bearer_key(request.headers.get("Authorization"))
+    if key is None:
+        return unauthorized()
+    return await call(request, GET_BULK_TRANSFER_SQL, key, request.match_info["id"])
 
 
 async def health(request: web.Request) -> web.Response:
@@ -176,19 +218,42 @@ def too_large(request: web.Request) -> web.Response:
     return problem(413, "payload_too_large", f"The request body is larger than {limit} bytes.")
 
 
+def request_id_of(request: web.Request) -> str:
+    """The client's X-Request-Id when it is 1 to 200 visible ASCII characters, else a new one."""
+    given = request.headers.get("X-Request-Id", "")
+    if 1 <= len(given) <= 200 and given.isascii() and all("!" <= c <= "~" for c in given):
+        return given
+    return uuid.uuid4().hex
+
+
 @web.middleware
 async def problem_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Routing errors (404, 405, 413 from the body limit) answered as problem+json, like everything else."""
+    """Every answer carries the request's id; routing errors (404, 405, 413 from the body limit) are
+    problem+json like everything else; an unexpected error is a 500 logged by its type alone (its message
+    may quote the request)."""
+    request[STARTED] = perf_counter()
+    request[REQUEST_ID] = request_id_of(request)
     try:
-        return await handler(request)
+        response = await handler(request)
     except web.HTTPRequestEntityTooLarge:
-        return too_large(request)
+        response = too_large(request)
     except web.HTTPException as error:
         if error.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status, "http_error")
         headers = {k: v for k, v in error.headers.items() if k.lower() == "allow"}
-        return problem(error.status, code, error.reason, headers=headers)
+        response = problem(error.status, code, error.reason, headers=headers)
+    except Exception as error:
+        sqlstate = getattr(error, "sqlstate", None)
+        log.error(
+            "request %s failed: %s%s",
+            request[REQUEST_ID],
+            type(error).__name__,
+            f" (SQLSTATE {sqlstate})" if sqlstate else "",
+        )
+        response = problem(500, "internal_error", "The request failed on our side; it is logged by its request id.")
+    response.headers["X-Request-Id"] = request[REQUEST_ID]
+    return response
 
 
 async def database_pool(app: web.Application):

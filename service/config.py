@@ -11,7 +11,10 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Config:
+    # The owner's URL: migrations, the demo seed, and making the service's own login (below) when it is unset.
     database_url: str | None = None
+    # The URL the service's connections log in with, as the role that may only execute schema bps_api.
+    service_database_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
@@ -26,7 +29,9 @@ class Config:
     max_body_bytes: int = 16 * MIB
     retry_after_seconds: int = 1
     shutdown_timeout_seconds: float = 30.0
-    access_log: bool = False
+    access_log: bool = True
+    log_format: str = "text"
+    log_level: str = "info"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -37,9 +42,15 @@ class Config:
         def flag(value: str) -> bool:
             return value.strip().lower() in ("1", "true", "yes", "on")
 
+        def log_format(value: str) -> str:
+            if value.strip().lower() not in ("text", "json"):
+                raise ValueError(f"BPS_LOG_FORMAT must be text or json, not {value!r}")
+            return value.strip().lower()
+
         d = cls()
         return cls(
             database_url=get("DATABASE_URL", str, d.database_url),
+            service_database_url=get("BPS_SERVICE_DATABASE_URL", str, d.service_database_url),
             host=get("BPS_HOST", str, d.host),
             port=get("BPS_PORT", int, d.port),
             workers=get("BPS_WORKERS", int, d.workers),
@@ -51,4 +62,6 @@ class Config:
             retry_after_seconds=get("BPS_RETRY_AFTER", int, d.retry_after_seconds),
             shutdown_timeout_seconds=get("BPS_SHUTDOWN_TIMEOUT", float, d.shutdown_timeout_seconds),
             access_log=get("BPS_ACCESS_LOG", flag, d.access_log),
+            log_format=get("BPS_LOG_FORMAT", log_format, d.log_format),
+            log_level=get("BPS_LOG_LEVEL", str, d.log_level),
         )

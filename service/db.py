@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import os
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 from yoyo import get_backend, read_migrations
@@ -20,6 +24,7 @@ SQL_DIR = ROOT / "sql"
 SCHEMA_LOCK_ID = 0x425053  # 'BPS'
 
 DEMO_ACCOUNT = ("ACME Corp", "FR10474608000002006107XXXXX", "OIVUSCLQXXX", 7777777)
+DEMO_KEY_LABEL = "demo"
 
 
 async def keep_session(connection: asyncpg.Connection) -> None:
@@ -31,8 +36,10 @@ async def keep_session(connection: asyncpg.Connection) -> None:
 
 async def create_pool(config: Config) -> asyncpg.Pool:
     """A pool that opens lazily, so the service starts (and answers 503) while the database is down."""
+    if config.service_database_url is None:
+        raise ValueError("the service logs in as its own role: set service_database_url (see db.login_url)")
     return await asyncpg.create_pool(
-        config.database_url,
+        config.service_database_url,
         min_size=0,
         max_size=config.pool_max_size,
         reset=keep_session,
@@ -94,19 +101,78 @@ async def migrate(database_url: str) -> list[str]:
     return applied
 
 
-async def seed_demo(database_url: str) -> bool:
-    """Creates the seed's demo account unless it exists; True when it was created."""
+async def seed_demo(database_url: str) -> tuple[bool, str]:
+    """Creates the seed's demo account unless it exists, and a new API key for it (the demo keys made
+    before are revoked). Returns whether the account was created, and the key: it is shown only now."""
     connection = await asyncpg.connect(database_url)
     try:
         name, iban, bic, balance = DEMO_ACCOUNT
         async with connection.transaction():
             await connection.execute("LOCK TABLE bps.bank_accounts IN SHARE ROW EXCLUSIVE MODE")
-            if await connection.fetchval("SELECT 1 FROM bps.bank_accounts WHERE iban = $1", iban):
-                return False
-            await connection.execute("SELECT bps.create_bank_account($1, $2, $3, $4)", name, iban, bic, balance)
-        return True
+            account_id = await connection.fetchval("SELECT id FROM bps.bank_accounts WHERE iban = $1", iban)
+            created = account_id is None
+            if created:
+                account_id = await connection.fetchval(
+                    "SELECT bps.create_bank_account($1, $2, $3, $4)", name, iban, bic, balance
+                )
+            await connection.execute(
+                "SELECT bps.revoke_api_key(id) FROM bps.api_keys WHERE label = $1 AND state = 'live'", DEMO_KEY_LABEL
+            )
+            key = await connection.fetchval(
+                "SELECT bps.create_api_key(ARRAY[$1::bigint], $2)", account_id, DEMO_KEY_LABEL
+            )
+        return created, key
     finally:
         await connection.close()
+
+
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (RFC 5802, 7677), made here so that
+    the password itself never reaches the server, nor its log."""
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    stored_key = hashlib.sha256(hmac.digest(salted, b"Client Key", "sha256")).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def with_login(url: str, user: str, password: str) -> str:
+    """`url` logging in as `user` with `password` instead of its own credentials."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"))
+
+
+async def login_url(owner_url: str, purpose: str = "service") -> str:
+    """The URL the service (or the executor) logs in with, made from the owner's: the role the migrations
+    made for this database, with the password kept for it in bps.database_roles (chosen here, the first
+    time, and set as a SCRAM verifier, so neither reaches a server log in clear). Every process that starts
+    from the owner's URL gets the same one."""
+    connection = await asyncpg.connect(owner_url)
+    try:
+        async with connection.transaction():
+            role, password = await connection.fetchrow(
+                "SELECT role_name, password FROM bps.database_roles WHERE purpose = $1 FOR UPDATE", purpose
+            )
+            if password is None:
+                # Chosen by the server, so that no statement a server log may keep carries it.
+                password = await connection.fetchval(
+                    "UPDATE bps.database_roles SET password = encode(sha256(convert_to("
+                    "gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8')), 'hex') "
+                    "WHERE purpose = $1 RETURNING password",
+                    purpose,
+                )
+                statement = await connection.fetchval(
+                    "SELECT format('ALTER ROLE %I PASSWORD %L', $1::text, $2::text)", role, scram_verifier(password)
+                )
+                await connection.execute(statement)
+    finally:
+        await connection.close()
+    return with_login(owner_url, role, password)
 
 
 def database_name(url: str) -> str:
@@ -125,9 +191,23 @@ async def create_database(admin_url: str, prefix: str) -> str:
 
 
 async def drop_database(admin_url: str, url: str) -> None:
-    """Drops the database of `url`, disconnecting whoever is still in it."""
+    """Drops the database of `url`, disconnecting whoever is still in it, and the roles it made for itself
+    (roles belong to the whole server)."""
+    roles: list[str] = []
+    try:
+        connection = await asyncpg.connect(url)
+    except (OSError, asyncpg.InvalidCatalogNameError):
+        connection = None
+    if connection is not None:
+        try:
+            if await connection.fetchval("SELECT to_regclass('bps.database_roles') IS NOT NULL"):
+                roles = [r["role_name"] for r in await connection.fetch("SELECT role_name FROM bps.database_roles")]
+        finally:
+            await connection.close()
     admin = await asyncpg.connect(admin_url)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{database_name(url)}" WITH (FORCE)')
+        for role in roles:
+            await admin.execute(await admin.fetchval("SELECT format('DROP ROLE IF EXISTS %I', $1::text)", role))
     finally:
         await admin.close()

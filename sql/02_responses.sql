@@ -16,6 +16,8 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
             WHEN 'request_in_progress' THEN 'Request still in progress'
             WHEN 'payload_too_large' THEN 'Payload too large'
             WHEN 'bulk_transfer_not_found' THEN 'Bulk transfer not found'
+            WHEN 'unauthorized' THEN 'Unauthorized'
+            WHEN 'forbidden' THEN 'Forbidden'
             ELSE code END,
         'status', status,
         'detail', detail,
@@ -26,3 +28,10 @@ $$;
 -- Headers for the HTTP layer travel PostgREST-style: bps.bulk_transfer puts a JSON object of them in the
 -- transaction-local setting response.headers (set_config(..., true)), which the service reads in the
 -- same statement and copies to the response; psql callers simply ignore it.
+
+-- The id a path names (decimal digits within bigint), or NULL: an id that cannot exist is simply not found.
+CREATE OR REPLACE FUNCTION bps.id_of(path_segment text) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN path_segment ~ '^[0-9]{1,19}$' AND path_segment::numeric <= 9223372036854775807
+                THEN path_segment::bigint END
+$$;

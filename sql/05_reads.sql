@@ -33,7 +33,9 @@ SELECT a.id AS bank_account_id, a.balance_cents, a.version,
          WHERE e.bank_account_id = a.id) AS j;
 
 -- One bulk transfer and its transfers, as GET /bulk_transfers/{id} shows it: (200, body) or (404, problem).
-CREATE OR REPLACE FUNCTION bps.get_bulk_transfer(bulk_transfer_id bigint, OUT status integer, OUT body jsonb)
+-- bank_account_ids are the accounts the caller may read (an API key's); NULL: any (the owner's call).
+CREATE OR REPLACE FUNCTION bps.get_bulk_transfer(bulk_transfer_id bigint, bank_account_ids bigint[],
+                                                 OUT status integer, OUT body jsonb)
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(found.status, 404),
            coalesce(found.body, bps.problem(404, 'bulk_transfer_not_found',
@@ -42,6 +44,7 @@ LANGUAGE sql STABLE AS $$
       LEFT JOIN (
         SELECT 200 AS status, jsonb_build_object(
                    'bulk_transfer_id', b.id,
+                   'bank_account_id', b.bank_account_id,
                    'status', b.status,
                    'transfer_count', b.transfer_count,
                    'total_cents', b.total_cents,
@@ -62,5 +65,12 @@ LANGUAGE sql STABLE AS $$
                          FROM bps.transfers_of(b.id) AS t)) AS body
           FROM bps.bulk_transfer_summaries AS b
          WHERE b.id = get_bulk_transfer.bulk_transfer_id
+           AND (get_bulk_transfer.bank_account_ids IS NULL OR b.bank_account_id = ANY (get_bulk_transfer.bank_account_ids))
       ) AS found ON true
+$$;
+
+-- The owner's call: any account.
+CREATE OR REPLACE FUNCTION bps.get_bulk_transfer(bulk_transfer_id bigint, OUT status integer, OUT body jsonb)
+LANGUAGE sql STABLE AS $$
+    SELECT g.status, g.body FROM bps.get_bulk_transfer(bulk_transfer_id, NULL) AS g
 $$;

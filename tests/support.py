@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,6 +22,7 @@ from service import db
 
 # The sample requests of the seed and of the exercise brief, with their expected outcomes in the tests.
 DATA_DIR = Path(__file__).resolve().parent / "data"
+ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get("BPS_TEST_ADMIN_URL") or os.environ.get(
     "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -37,6 +44,12 @@ class Account:
     iban: str
     bic: str
     currency: str
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: int
+    key: str
 
 
 def random_iban() -> str:
@@ -168,3 +181,69 @@ async def assert_unavailable(response) -> dict:
     body = await assert_problem(response, 503, "service_unavailable")
     assert int(response.headers["Retry-After"]) >= 0
     return body
+
+
+# A service process
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServiceProcess:
+    """`python -m service serve` in a subprocess; ready once aiohttp logs that it is running (no polling).
+    Everything it writes (stdout and stderr) is kept in `output`, line by line."""
+
+    def __init__(self, database_url: str, **env: str) -> None:
+        self.database_url = database_url
+        self.port = free_port()
+        self.env = env
+        self.process: subprocess.Popen | None = None
+        self.lines: queue.Queue = queue.Queue()
+        self.output: list[str] = []
+
+    def start(self, timeout: float = 30) -> None:
+        env = {
+            **os.environ,
+            "DATABASE_URL": self.database_url,
+            "BPS_PORT": str(self.port),
+            "BPS_WORKERS": "1",
+            **self.env,
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines = queue.Queue()
+        threading.Thread(target=self._pump, args=(self.process, self.lines), daemon=True).start()
+        while True:
+            line = self.lines.get(timeout=timeout)  # raises queue.Empty when the server does not come up
+            if line is None:
+                raise RuntimeError(f"service exited with {self.process.wait()}")
+            if f"Running on http://127.0.0.1:{self.port}" in line:
+                return
+
+    def _pump(self, process: subprocess.Popen, lines: queue.Queue) -> None:
+        for line in process.stdout:
+            self.output.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    def kill9(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill9()

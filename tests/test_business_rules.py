@@ -20,8 +20,6 @@ from support import (
     transfer,
 )
 
-from service.app import create_app
-
 EXERCISE_BALANCE = 10_000_000
 
 
@@ -209,9 +207,9 @@ async def test_concurrent_requests_never_overdraw_nor_lose_an_update(client, mak
 
 
 async def test_concurrent_requests_through_two_service_instances_debit_exactly_once_each(
-    client, aiohttp_client, config, make_account, pool
+    client, make_client, make_account, pool
 ):
-    other = await aiohttp_client(create_app(config))
+    other = await make_client()
     account = await make_account(10_000)
     payloads = [request_for(account, [transfer("3.00")]) for _ in range(30)]
 

@@ -12,10 +12,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import queue
-import signal
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +20,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from reliability import hostile
-from reliability.cluster import free_port
+from support import ServiceProcess as Server
 from support import random_iban
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,60 +32,11 @@ HYPOTHESIS = settings(
 )
 
 
-class Server:
-    """`python -m service serve` in a subprocess; ready once aiohttp logs that it is running (no polling)."""
-
-    def __init__(self, database_url: str) -> None:
-        self.database_url = database_url
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-        self.lines: queue.Queue = queue.Queue()
-
-    def start(self, timeout: float = 30) -> None:
-        env = {**os.environ, "DATABASE_URL": self.database_url, "BPS_PORT": str(self.port), "BPS_WORKERS": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines = queue.Queue()
-        threading.Thread(target=self._pump, args=(self.process, self.lines), daemon=True).start()
-        while True:
-            line = self.lines.get(timeout=timeout)  # raises queue.Empty when the server does not come up
-            if line is None:
-                raise RuntimeError(f"service exited with {self.process.wait()}")
-            if f"Running on http://127.0.0.1:{self.port}" in line:
-                return
-
-    @staticmethod
-    def _pump(process: subprocess.Popen, lines: queue.Queue) -> None:
-        for line in process.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    def kill9(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-
-
-def create_account(url: str, balance_cents: int, name: str = "Hostile Corp") -> dict:
+def create_account(db, balance_cents: int, name: str = "Hostile Corp") -> dict:
     iban = random_iban()
-    with psycopg.connect(url, autocommit=True) as connection:
-        account_id = connection.execute(
-            "SELECT bps.create_bank_account(%s, %s, %s, %s)", (name, iban, "OIVUSCLQXXX", balance_cents)
-        ).fetchone()[0]
+    account_id = db.execute(
+        "SELECT bps.create_bank_account(%s, %s, %s, %s)", (name, iban, "OIVUSCLQXXX", balance_cents)
+    ).fetchone()[0]
     return {"id": account_id, "name": name, "iban": iban, "bic": "OIVUSCLQXXX", "opening": balance_cents}
 
 
@@ -102,12 +49,12 @@ def server(database_url: str):
 
 
 @pytest.fixture(scope="module")
-def targets(database_url: str) -> list[dict]:
+def targets(db) -> list[dict]:
     """Accounts the hostile payloads aim at: ample, small (short of funds), and one with an odd name."""
     return [
-        create_account(database_url, 10_000_000),
-        create_account(database_url, 150),
-        create_account(database_url, 5_000, name="Zoë Ünïcødé-Łódź"),
+        create_account(db, 10_000_000),
+        create_account(db, 150),
+        create_account(db, 5_000, name="Zoë Ünïcødé-Łódź"),
     ]
 
 
@@ -115,6 +62,12 @@ def targets(database_url: str) -> list[dict]:
 def db(database_url: str):
     with psycopg.connect(database_url, autocommit=True) as connection:
         yield connection
+
+
+@pytest.fixture(scope="module")
+def keys(db, targets: list[dict]) -> list[hostile.Credential]:
+    """The valid key of the targets first, then keys and headers that must not write."""
+    return hostile.credentials(db, [t["id"] for t in targets], create_account(db, 1_000)["id"])
 
 
 def check_one(server: Server, db, request: hostile.Hostile) -> None:
@@ -125,40 +78,42 @@ def check_one(server: Server, db, request: hostile.Hostile) -> None:
     assert server.process.poll() is None, "the service died"
 
 
-def test_hostile_bodies_never_5xx_and_rejections_change_nothing(server, targets, db) -> None:
-    """Hostile bodies sent as plain JSON POSTs without a key."""
+def test_hostile_bodies_never_5xx_and_rejections_change_nothing(server, targets, keys, db) -> None:
+    """Hostile bodies sent as plain JSON POSTs without an Idempotency-Key, with good and bad API keys."""
 
     @HYPOTHESIS
-    @given(hostile.hostile_requests(targets, headers=False))
+    @given(hostile.hostile_requests(targets, keys, headers=False))
     def prop(request: hostile.Hostile) -> None:
         check_one(server, db, request)
 
     prop()
 
 
-def test_hostile_bodies_and_headers_never_5xx_and_rejections_change_nothing(server, targets, db) -> None:
+def test_hostile_bodies_and_headers_never_5xx_and_rejections_change_nothing(server, targets, keys, db) -> None:
     """Hostile bodies with hostile Content-Type, Idempotency-Key and Content-Encoding headers too."""
 
     @HYPOTHESIS
-    @given(hostile.hostile_requests(targets))
+    @given(hostile.hostile_requests(targets, keys))
     def prop(request: hostile.Hostile) -> None:
         check_one(server, db, request)
 
     prop()
 
 
-def valid_request(account: dict, n: int = 1, key: bytes | None = None, description: str = "fixed") -> hostile.Hostile:
+def valid_request(
+    account: dict, credential: hostile.Credential, n: int = 1, key: bytes | None = None, description: str = "fixed"
+) -> hostile.Hostile:
     payload = hostile.valid_payload(account, n)
     for i, transfer in enumerate(payload["credit_transfers"]):
         transfer["description"] = f"{description} #{i}"
     headers = [(b"Content-Type", b"application/json")] + ([(b"Idempotency-Key", key)] if key is not None else [])
-    return hostile.Hostile(json.dumps(payload).encode(), headers, "/bulk_transfer", "valid", key)
+    return hostile.Hostile(json.dumps(payload).encode(), headers, "/bulk_transfer", "valid", key, credential)
 
 
 @pytest.mark.parametrize("key", [b"\xff\xfe", "clé".encode("latin-1"), b"\x80abc"], ids=["ff-fe", "latin-1", "x80"])
-def test_idempotency_key_that_is_not_utf8_is_not_a_5xx(server, targets, db, key: bytes) -> None:
+def test_idempotency_key_that_is_not_utf8_is_not_a_5xx(server, targets, keys, db, key: bytes) -> None:
     """An Idempotency-Key header whose bytes are not UTF-8 is client input: 4xx (or accepted), never a 5xx."""
-    check_one(server, db, valid_request(targets[0], key=key, description=f"non-utf8 key {key!r}"))
+    check_one(server, db, valid_request(targets[0], keys[0], key=key, description=f"non-utf8 key {key!r}"))
 
 
 @pytest.mark.parametrize(
@@ -167,12 +122,12 @@ def test_idempotency_key_that_is_not_utf8_is_not_a_5xx(server, targets, db, key:
     ids=["gzip", "deflate", "gzip-200KB", "deflate-200KB"],
 )
 def test_body_that_does_not_match_its_content_encoding_is_answered_not_5xx(
-    server, targets, db, encoding: bytes, size: int, expected: int
+    server, targets, keys, db, encoding: bytes, size: int, expected: int
 ) -> None:
     """A body that is not what its Content-Encoding says is client input: answered, never a 5xx, and promptly,
     whatever its size (the service must not leave the client waiting on an open connection). gzip is read
     and found broken (400); deflate is not accepted at all (415), as aiohttp could hang on it."""
-    request = valid_request(targets[0], description=f"not really {encoding!r}")
+    request = valid_request(targets[0], keys[0], description=f"not really {encoding!r}")
     if size:
         request.body = b"[" * size + b"]" * size
     request.headers.append((b"Content-Encoding", encoding))
@@ -188,9 +143,12 @@ def test_body_that_does_not_match_its_content_encoding_is_answered_not_5xx(
 def test_kill_9_under_load_each_request_once_and_whole(database_url: str, db) -> None:
     """SIGKILL the service while keyed requests are in flight, restart it, retry every request with its key:
     each is executed exactly once, wholly, and the account's money adds up."""
-    account = create_account(database_url, 50_000_000, name="Kill Nine Ltd")
+    account = create_account(db, 50_000_000, name="Kill Nine Ltd")
+    credential = hostile.credentials(db, [account["id"]], account["id"])[0]
     requests = [
-        valid_request(account, n=1 + i % 5, key=f"kill9-{account['id']}-{i}".encode(), description=f"k9-{i}")
+        valid_request(
+            account, credential, n=1 + i % 5, key=f"kill9-{account['id']}-{i}".encode(), description=f"k9-{i}"
+        )
         for i in range(60)
     ]
     server = Server(database_url)

@@ -20,8 +20,6 @@ from support import (
     transfer,
 )
 
-from service.app import create_app
-
 PATHS = ["/bulk_transfer", "/transfers/bulk"]
 UNREACHABLE_DATABASE_URL = "postgresql://postgres@127.0.0.1:1/bps"
 
@@ -298,8 +296,8 @@ async def test_body_limit_fits_the_maximum_number_of_longest_transfers(client, m
 
 
 @pytest.fixture
-async def small_body_client(aiohttp_client, config):
-    return await aiohttp_client(create_app(dataclasses.replace(config, max_body_bytes=2_000)))
+async def small_body_client(make_client, config):
+    return await make_client(dataclasses.replace(config, max_body_bytes=2_000))
 
 
 async def test_body_over_the_configured_limit_is_413(small_body_client, make_account, pool):
@@ -367,9 +365,9 @@ async def test_other_methods_on_the_post_paths_are_405(client, path, method):
 
 
 @pytest.fixture
-async def unreachable_client(aiohttp_client, config):
-    return await aiohttp_client(
-        create_app(dataclasses.replace(config, database_url=UNREACHABLE_DATABASE_URL, pool_timeout_seconds=2))
+async def unreachable_client(make_client, config):
+    return await make_client(
+        dataclasses.replace(config, service_database_url=UNREACHABLE_DATABASE_URL, pool_timeout_seconds=2)
     )
 
 
@@ -387,9 +385,9 @@ async def test_bulk_transfer_lookup_is_503_when_the_database_is_unreachable(unre
     await assert_unavailable(await unreachable_client.get("/bulk_transfers/1"))
 
 
-async def test_overloaded_database_is_503_and_nothing_is_written(aiohttp_client, config, make_account, pool):
+async def test_overloaded_database_is_503_and_nothing_is_written(make_client, config, make_account, pool):
     """A request stuck behind a lock past the statement timeout is cancelled: 503, and no trace of it."""
-    client = await aiohttp_client(create_app(dataclasses.replace(config, statement_timeout_ms=300)))
+    client = await make_client(dataclasses.replace(config, statement_timeout_ms=300))
     account = await make_account(10_000)
     payload = request_for(account, [transfer("1.00")])
     before = await rows_of(pool, account)

@@ -42,7 +42,9 @@ CONTRACT_COLUMNS = {
     },
 }
 # Tables that do not belong to one account: the accounts themselves and the single row of tunables.
-NOT_PER_ACCOUNT = {"bank_accounts", "settings"}
+# Tables of no single account: the accounts themselves, settings, the database's roles, and API keys (which
+# name their accounts in bank_account_ids).
+NOT_PER_ACCOUNT = {"bank_accounts", "settings", "database_roles", "api_credentials"}
 
 MIGRATION_FILES = sorted(p for p in db.MIGRATIONS_DIR.iterdir() if p.suffix in (".sql", ".py"))
 MIGRATION_IDS = sorted(p.name.removesuffix(".sql") for p in MIGRATION_FILES if not p.name.endswith(".rollback.sql"))

@@ -307,9 +307,10 @@ async def test_every_problem_of_a_request_is_listed(client, make_account, pool):
 # Counterparty checking: basic (default) vs strict
 
 
-async def test_new_account_defaults_to_basic_checking_in_eur(client, pool):
+async def test_new_account_defaults_to_basic_checking_in_eur(client, pool, cover):
     iban = random_iban()
     account_id = await pool.fetchval("SELECT bps.create_bank_account('ACME Corp', $1, 'OIVUSCLQXXX', 10000)", iban)
+    await cover(account_id)
     account = Account(account_id, "ACME Corp", iban, "OIVUSCLQXXX", "EUR")
     placeholder = transfer("1.00", counterparty_iban="f", counterparty_bic="e", currency="EUR")
 

@@ -33,9 +33,15 @@ def _run_as() -> list[str]:
 class Cluster:
     """initdb in a temporary directory; start, stop (immediate or fast), and URLs of its databases."""
 
-    def __init__(self, port: int | None = None, fsync: bool = True) -> None:
+    def __init__(
+        self, port: int | None = None, fsync: bool = True, host_auth: str = "trust", settings: dict | None = None
+    ) -> None:
+        """`host_auth`: how roles other than postgres log in over loopback (postgres is always trusted);
+        `settings`: more postgresql.conf lines."""
         self.port = port or free_port()
         self.fsync = fsync
+        self.host_auth = host_auth
+        self.extra_settings = settings or {}
         self.root = Path(tempfile.mkdtemp(prefix="bps-reliability-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
@@ -73,11 +79,15 @@ class Cluster:
             "synchronous_commit": "on",
             "log_min_messages": "warning",
             "log_connections": "off",
+            **self.extra_settings,
         }
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write("\n# bps reliability harness\n")
             for name, value in settings.items():
                 conf.write(f"{name} = {value}\n")
+        (self.data / "pg_hba.conf").write_text(
+            f"local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 {self.host_auth}\n"
+        )
 
     def start(self) -> None:
         self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")

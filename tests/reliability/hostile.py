@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
+from service import access
+
 PATHS = ["/bulk_transfer", "/transfers/bulk"]
 
 # Amount spellings around the contract's edges, valid and not.
@@ -120,6 +122,60 @@ FIELDS = [
 TOP = ["organization_name", "organization_iban", "organization_bic", "credit_transfers"]
 
 
+@dataclass(frozen=True)
+class Credential:
+    """An Authorization header a hostile request may carry (None: none), and what it must be answered."""
+
+    name: str
+    header: bytes | None
+    status: int | None = None  # the status every request with it gets; None: any (a key that may write)
+    may_write: bool = False
+
+
+def credentials(connection, account_ids: list[int], other_account_id: int) -> list[Credential]:
+    """The valid key of `account_ids` first, then keys and headers that must not write: a read-only key,
+    another account's key, revoked and expired keys, a well-formed key that was never made, and headers
+    that are no key at all. Made as the owner, on a psycopg (sync, autocommit) connection."""
+
+    def key(accounts: list[int], label: str, scopes: str = "{transfers:write,transfers:read}") -> str:
+        return connection.execute(
+            "SELECT bps.create_api_key(%s::bigint[], %s, %s::text[])", (accounts, label, scopes)
+        ).fetchone()[0]
+
+    def bearer(text: str) -> bytes:
+        return f"Bearer {text}".encode()
+
+    valid = key(account_ids, "hostile: valid")
+    revoked = key(account_ids, "hostile: revoked")
+    connection.execute("SELECT bps.revoke_api_key(%s)", (revoked,))
+    expired = key(account_ids, "hostile: expired")
+    connection.execute(
+        "UPDATE bps.api_credentials SET expires_at = now() - interval '1 second' "
+        "WHERE key_hash = sha256(convert_to(%s, 'UTF8'))",
+        (expired,),
+    )
+    never_made = "bps_" + "N" * 32
+    never_made += access.checksum(never_made)
+    return [
+        Credential("valid", bearer(valid), may_write=True),
+        Credential("read-only", bearer(key(account_ids, "hostile: read-only", "{transfers:read}")), 403),
+        Credential("another account's", bearer(key([other_account_id], "hostile: other account"))),
+        Credential("revoked", bearer(revoked), 401),
+        Credential("expired", bearer(expired), 401),
+        Credential("never made", bearer(never_made), 401),
+        Credential("mistyped", bearer(valid[:-1] + ("A" if valid[-1] != "A" else "B")), 401),
+        Credential("no Authorization", None, 401),
+        Credential("Basic", b"Basic dXNlcjpwYXNz", 401),
+        Credential("empty Bearer", b"Bearer ", 401),
+        Credential("lower-case bearer, valid key", f"bearer {valid}".encode(), may_write=True),
+    ]
+
+
+def authorizations(choices: list[Credential]) -> st.SearchStrategy:
+    """Mostly the first (valid) credential, so most hostile bodies reach the rules; the others a fifth of the time."""
+    return st.integers(0, 4 * len(choices) - 1).map(lambda i: choices[0] if i >= len(choices) else choices[i])
+
+
 @dataclass
 class Hostile:
     body: bytes
@@ -127,6 +183,7 @@ class Hostile:
     path: str
     note: str
     key: bytes | None = None
+    credential: Credential | None = None
 
     def __repr__(self) -> str:  # short enough for hypothesis' falsifying example
         head = self.body[:300]
@@ -335,12 +392,16 @@ def idempotency_keys() -> st.SearchStrategy:
 
 
 @st.composite
-def hostile_requests(draw, accounts: list[dict], headers: bool = True):
-    """One hostile HTTP request. With `headers`, the Content-Type, Idempotency-Key and Content-Encoding are
-    hostile too; without, it is a JSON POST with no key and only the body is hostile."""
+def hostile_requests(draw, accounts: list[dict], choices: list[Credential], headers: bool = True):
+    """One hostile HTTP request, with one of the credentials `choices`. With `headers`, the Content-Type,
+    Idempotency-Key and Content-Encoding are hostile too; without, it is a JSON POST with no Idempotency-Key
+    and only the body is hostile."""
     body, note = draw(hostile_bodies(accounts))
+    credential = draw(authorizations(choices))
+    note += f" ({credential.name} key)"
     if not headers:
-        return Hostile(body, [(b"Content-Type", b"application/json")], draw(st.sampled_from(PATHS)), note)
+        path = draw(st.sampled_from(PATHS))
+        return Hostile(body, [(b"Content-Type", b"application/json")], path, note, credential=credential)
     sent = []
     content_type = draw(st.sampled_from(JSON_TYPES + OTHER_TYPES))
     if content_type is not None:
@@ -356,7 +417,7 @@ def hostile_requests(draw, accounts: list[dict], headers: bool = True):
     if encoding is not None:
         sent.append((b"Content-Encoding", encoding.removeprefix("bad-").encode()))
         note += f" +{encoding}"
-    return Hostile(body, sent, draw(st.sampled_from(PATHS)), note, key)
+    return Hostile(body, sent, draw(st.sampled_from(PATHS)), note, key, credential)
 
 
 def signature(request: Hostile) -> str:
@@ -384,6 +445,8 @@ def send(port: int, request: Hostile, timeout: float = 5) -> tuple[int, dict, by
     connection is reset before any answer could be read."""
     head = [f"POST {request.path} HTTP/1.1".encode(), b"Host: 127.0.0.1", b"Connection: close"]
     head += [name + b": " + value for name, value in request.headers]
+    if request.credential is not None and request.credential.header is not None:
+        head.append(b"Authorization: " + request.credential.header)
     head.append(f"Content-Length: {len(request.body)}".encode())
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         try:
@@ -421,6 +484,13 @@ def judge(request: Hostile, status: int, headers: dict, body: bytes, before: dic
     """None when the answer and the database change are right; else what is wrong."""
     if status >= 500:
         return f"HTTP {status}: {body[:300]!r}"
+    credential = request.credential
+    # A request HTTP itself refuses (aiohttp's parser: a NUL in a header, ...) never reaches the key check.
+    reached = headers.get("Content-Type", "").split(";")[0] in ("application/json", "application/problem+json")
+    if reached and credential is not None and credential.status is not None and status != credential.status:
+        return f"HTTP {status} for a request with the {credential.name} key (must be {credential.status})"
+    if credential is not None and not credential.may_write and status == 201:
+        return f"HTTP 201 for a request with the {credential.name} key, which may not write there"
     delta = {k: after[k] - before[k] for k in before}
     if status != 201 or headers.get("Idempotent-Replayed") == "true":
         allowed_keys = 0
