@@ -20,4 +20,5 @@ DROP FUNCTION IF EXISTS bps.key_access, bps.unauthorized, bps.create_api_key, bp
 DROP SCHEMA bps_executor CASCADE;
 DROP SCHEMA bps_api CASCADE;
 DROP TABLE bps.database_roles;
+ALTER TABLE bps.bulk_transfers DROP COLUMN api_key_id;
 DROP TABLE bps.api_credentials;

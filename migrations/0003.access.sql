@@ -24,6 +24,9 @@ CREATE TABLE bps.api_credentials (
     last_used_at     timestamptz
 );
 
+-- Which key made each bulk transfer (NULL: the owner, in SQL), for audit. Keys are revoked, never deleted.
+ALTER TABLE bps.bulk_transfers ADD COLUMN api_key_id bigint;
+
 -- The roles of this database, by what they are for, and the password the run command keeps for each
 -- (set by `python -m service serve` when it is given only the owner's DATABASE_URL).
 CREATE TABLE bps.database_roles (

@@ -47,10 +47,11 @@ END
 $$;
 
 -- Validates, deduplicates and records one bulk transfer, debiting its account once; all or nothing.
--- bank_account_ids are the accounts the caller may debit (an API key's); NULL: any (the owner's call).
--- An account outside them is not found, exactly as an account that does not exist.
+-- bank_account_ids are the accounts the caller may debit, and api_key_id the key it called with (NULL and
+-- NULL: any account, the owner's call). An account outside them is not found, exactly as an account that
+-- does not exist.
 CREATE OR REPLACE FUNCTION bps.bulk_transfer(payload jsonb, idempotency_key text, bank_account_ids bigint[],
-                                             OUT status integer, OUT body jsonb)
+                                             api_key_id bigint, OUT status integer, OUT body jsonb)
 LANGUAGE plpgsql
 -- Plan each statement once per connection, not on every call, and with index scans: a plan cached
 -- while a table was small must not stay a sequential scan.
@@ -208,10 +209,11 @@ BEGIN
         bulk_id := nextval('bps.bulk_transfers_id_seq');
         WITH bulk AS (
             INSERT INTO bps.bulk_transfers (id, bank_account_id, payload_hash, idempotency_key, transfer_count,
-                                            total_cents, currency)
+                                            total_cents, currency, api_key_id)
             OVERRIDING SYSTEM VALUE
             VALUES (bulk_id, account.id, bulk_transfer.payload_hash, bulk_transfer.idempotency_key,
-                    bulk_transfer.transfer_count, bulk_transfer.total_cents, account.currency)
+                    bulk_transfer.transfer_count, bulk_transfer.total_cents, account.currency,
+                    bulk_transfer.api_key_id)
         )
         INSERT INTO bps.transfers (id, bank_account_id, bulk_transfer_id, position, counterparty_name,
                                    counterparty_iban, counterparty_bic, amount_cents, amount_currency,
@@ -291,6 +293,6 @@ CREATE OR REPLACE FUNCTION bps.bulk_transfer(payload jsonb, idempotency_key text
                                              OUT status integer, OUT body jsonb)
 LANGUAGE plpgsql AS $$
 BEGIN
-    SELECT r.status, r.body INTO status, body FROM bps.bulk_transfer(payload, idempotency_key, NULL) AS r;
+    SELECT r.status, r.body INTO status, body FROM bps.bulk_transfer(payload, idempotency_key, NULL, NULL) AS r;
 END
 $$;

@@ -8,7 +8,9 @@
 -- service asks it only when it must refuse a request before the database sees it (a body too large or
 -- of the wrong type): a request without a valid key is told so first, whatever else is wrong with it.
 CREATE OR REPLACE FUNCTION bps_api.authenticate(api_key text, scope text, OUT status integer, OUT body jsonb)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- Index scans, planned once per connection: a plan cached while a table was small must not stay a scan.
+SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     SELECT a.status, a.body INTO status, body FROM bps.key_access(api_key, scope) AS a;
 END
@@ -18,7 +20,9 @@ $$;
 -- this function's 400 after the key is checked, not an error before it runs).
 CREATE OR REPLACE FUNCTION bps_api.bulk_transfer(api_key text, body text, idempotency_key text DEFAULT NULL,
                                                  OUT status integer, OUT response jsonb)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- Index scans, planned once per connection: a plan cached while a table was small must not stay a scan.
+SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     access  record;
     payload jsonb;
@@ -43,7 +47,7 @@ BEGIN
             RETURN;
     END;
     SELECT r.status, r.body INTO status, response
-      FROM bps.bulk_transfer(payload, idempotency_key, access.bank_account_ids) AS r;
+      FROM bps.bulk_transfer(payload, idempotency_key, access.bank_account_ids, access.api_key_id) AS r;
 END
 $$;
 
@@ -51,7 +55,9 @@ $$;
 -- The id as the path gave it, so that a malformed one is this function's 404, after the key is checked.
 CREATE OR REPLACE FUNCTION bps_api.get_bulk_transfer(api_key text, bulk_transfer_id text,
                                                      OUT status integer, OUT body jsonb)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- Index scans, planned once per connection: a plan cached while a table was small must not stay a scan.
+SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     access record;
 BEGIN
