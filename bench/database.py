@@ -24,7 +24,7 @@ BALANCE_CENTS = 10**14  # no request of the run can exhaust it: every accepted r
 
 async def prepare(url: str, accounts: int, run_tag: int) -> dict:
     """Migrates, (re)creates the floor's table and opens `accounts` + 2 accounts for this run.
-    Returns {"hot": (id, iban), "explain": (id, iban), "many": [(id, iban), ...]}."""
+    Returns {"hot": (id, iban, key), "explain": (id, iban, key), "many": [(id, iban, key), ...]}."""
     await db.migrate(url)
     connection = await asyncpg.connect(url)
     try:
@@ -37,9 +37,12 @@ async def prepare(url: str, accounts: int, run_tag: int) -> dict:
             ALTER TABLE {FLOOR_TABLE} ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (CACHE 1000),
                                       ADD PRIMARY KEY (id);
         """)
+        # Each account with a key of its own, as each customer has.
         rows = await connection.fetch(
-            "SELECT i, bps.create_bank_account($1, $2 || lpad(i::text, 17, '0'), $3, $4) AS id "
-            "FROM generate_series(0, $5 - 1) AS i ORDER BY i",
+            "SELECT i, a.id, bps.create_api_key(ARRAY[a.id], 'bench') AS key "
+            "FROM generate_series(0, $5 - 1) AS i, "
+            "LATERAL (SELECT bps.create_bank_account($1, $2 || lpad(i::text, 17, '0'), $3, $4) AS id) AS a "
+            "ORDER BY i",
             ORGANIZATION_NAME,
             f"FR76{run_tag:06d}",
             ORGANIZATION_BIC,
@@ -49,7 +52,7 @@ async def prepare(url: str, accounts: int, run_tag: int) -> dict:
         await connection.execute("ANALYZE")
     finally:
         await connection.close()
-    opened = [(row["id"], account_iban(run_tag, row["i"])) for row in rows]
+    opened = [(row["id"], account_iban(run_tag, row["i"]), row["key"]) for row in rows]
     return {"hot": opened[0], "explain": opened[1], "many": opened[2:]}
 
 
@@ -142,7 +145,7 @@ HELPERS_SQL = (
 )
 
 
-async def function_breakdown(url: str, account: tuple[int, str], batches: list[int], counter_base: int) -> dict:
+async def function_breakdown(url: str, account: tuple[int, str, str], batches: list[int], counter_base: int) -> dict:
     """For each batch size: plain warm calls of bps.bulk_transfer and of the floor's insert of the same body
     (median wall time, and the backend's CPU time per call when its /proc entry is readable), then one call
     with auto_explain logging every statement inside the function (EXPLAIN ANALYZE of each, triggers
@@ -151,7 +154,7 @@ async def function_breakdown(url: str, account: tuple[int, str], batches: list[i
     connection = await asyncpg.connect(url, server_settings=FLOOR_SERVER_SETTINGS)
     logs: list[str] = []
     connection.add_log_listener(lambda _connection, message: logs.append(message.message))
-    account_id, iban = account
+    account_id, iban, key = account
     counter = counter_base
     result: dict = {}
 
@@ -183,7 +186,7 @@ async def function_breakdown(url: str, account: tuple[int, str], batches: list[i
 
         def arguments(sql: str, template: Template) -> tuple:
             text = body(template)  # takes the next counter, which the floor also uses as its bulk id
-            return (text, None) if sql == call else (text, account_id, counter)
+            return (key, text, None) if sql == call else (text, account_id, counter)
 
         async def measured(sql: str, template: Template) -> tuple[float, float | None, set]:
             """Median wall ms and the backend's CPU ms per call over enough warm calls to read /proc's ticks."""

@@ -50,8 +50,8 @@ class Spec:
     port: int
     database_url: str
     counter_base: int
-    # (id, iban) of the accounts a slot may debit: slot k uses accounts k, k + concurrency, ...
-    accounts: list[tuple[int, str]] = field(default_factory=list)
+    # (id, iban, API key) of the accounts a slot may debit: slot k uses accounts k, k + concurrency, ...
+    accounts: list[tuple[int, str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Slot:
     send: object  # async callable (buffer) -> status
     buffer: bytearray | bytes
     stamp: Stamp | None
-    accounts: list[tuple[int, bytes]]
+    accounts: list[tuple[int, bytes, bytes]]
     counter0: int
     close: object
 
@@ -80,7 +80,7 @@ class Runner:
         self.spec = spec
         for slot in spec.slots:
             mine = spec.accounts[slot :: spec.concurrency] or spec.accounts[:1]
-            accounts = [(account_id, iban.encode()) for account_id, iban in mine]
+            accounts = [(account_id, iban.encode(), key.encode()) for account_id, iban, key in mine]
             counter0 = spec.counter_base + slot * SLOT_STRIDE
             if spec.kind == "health":
                 connection = Connection(spec.host, spec.port)
@@ -105,14 +105,14 @@ class Runner:
                 )
             else:
                 template = self.template(spec.batch)
-                buffer, body_at = template.http_request(spec.host, spec.port)
+                buffer, body_at, key_at = template.http_request(spec.host, spec.port)
                 connection = Connection(spec.host, spec.port)
                 await connection.open()
                 self.slots.append(
                     Slot(
                         http_sender(connection),
                         buffer,
-                        Stamp(template, buffer, body_at),
+                        Stamp(template, buffer, body_at, key_at),
                         accounts,
                         counter0,
                         connection.close,
@@ -147,8 +147,8 @@ class Runner:
                 if t0 >= until:
                     return
                 if slot.stamp is not None:
-                    account_id, iban = accounts[n % len(accounts)]
-                    slot.stamp(iban, slot.counter0 + n)
+                    account_id, iban, key = accounts[n % len(accounts)]
+                    slot.stamp(iban, slot.counter0 + n, key)
                     status, detail = await slot.send(slot.buffer, account_id, slot.counter0 + n)
                 else:
                     status, detail = await slot.send(slot.buffer, 0, 0)

@@ -89,7 +89,7 @@ async def measure(batch: int) -> None:
     admin_url = os.environ.get("BPS_BENCH_ADMIN_URL") or database.ADMIN_URL
     url = await db.create_database(admin_url, "bps_parts")
     try:
-        account_id, iban = (await database.prepare(url, 0, 0))["hot"]
+        account_id, iban, _key = (await database.prepare(url, 0, 0))["hot"]
         parts = [(label, sql.replace("$2", str(account_id))) for label, sql in PARTS]
         template = Template.build(batch)
         body = bytearray(template.body)

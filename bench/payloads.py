@@ -16,6 +16,8 @@ COUNTER_DIGITS = 20
 AMOUNTS = ("14.50", "13.20", "612.38", "8024.99", "19.99", "0.29", "1.13", "700")
 IBAN_PLACEHOLDER = "FR76" + "#" * (IBAN_LENGTH - 4)
 COUNTER_PLACEHOLDER = "~" * COUNTER_DIGITS
+KEY_LENGTH = 42  # an API key: 'bps_', 32 random characters, 6 of checksum
+KEY_PLACEHOLDER = "bps_" + "~" * (KEY_LENGTH - 4)
 
 
 def account_iban(run_tag: int, index: int) -> str:
@@ -60,26 +62,31 @@ class Template:
         body = json.dumps(document, separators=(",", ":")).encode()
         return cls(batch, body, body.index(IBAN_PLACEHOLDER.encode()), body.index(COUNTER_PLACEHOLDER.encode()))
 
-    def http_request(self, host: str, port: int, path: str = "/bulk_transfer") -> tuple[bytearray, int]:
-        """The whole HTTP/1.1 request as one mutable buffer, and where the body starts in it."""
+    def http_request(self, host: str, port: int, path: str = "/bulk_transfer") -> tuple[bytearray, int, int]:
+        """The whole HTTP/1.1 request as one mutable buffer, where the body starts in it, and where the API
+        key of its Authorization header sits."""
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(self.body)}\r\n\r\n"
+            f"Authorization: Bearer {KEY_PLACEHOLDER}\r\nContent-Length: {len(self.body)}\r\n\r\n"
         ).encode()
-        return bytearray(head + self.body), len(head)
+        return bytearray(head + self.body), len(head), head.index(KEY_PLACEHOLDER.encode())
 
 
 class Stamp:
-    """Writes an account's IBAN and a counter into one request buffer in place; the length never changes."""
+    """Writes an account's IBAN, a counter and (in an HTTP request) the account's API key into one request
+    buffer in place; the length never changes."""
 
-    def __init__(self, template: Template, buffer: bytearray, body_at: int) -> None:
+    def __init__(self, template: Template, buffer: bytearray, body_at: int, key_at: int | None = None) -> None:
         self.buffer = buffer
         self.iban_at = body_at + template.iban_at
         self.counter_at = body_at + template.counter_at
+        self.key_at = key_at
 
-    def __call__(self, iban: bytes, counter: int) -> None:
+    def __call__(self, iban: bytes, counter: int, key: bytes) -> None:
         self.buffer[self.iban_at : self.iban_at + IBAN_LENGTH] = iban
         self.buffer[self.counter_at : self.counter_at + COUNTER_DIGITS] = b"%020d" % counter
+        if self.key_at is not None:
+            self.buffer[self.key_at : self.key_at + KEY_LENGTH] = key
 
 
 def health_request(host: str, port: int) -> bytes:
