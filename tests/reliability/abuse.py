@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 import aiohttp
 
 MIB = 1024 * 1024
-HEAD = b"POST /bulk_transfer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+def post_head(authorization: bytes) -> bytes:
+    """The start of a POST of JSON with this Authorization header; the rest of the headers follow it."""
+    return (
+        b"POST /bulk_transfer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: "
+        + authorization
+        + b"\r\n"
+    )
 
 
 @dataclass
@@ -57,13 +65,12 @@ def _chunks(total: int, size: int = MIB):
         sent += n
 
 
-async def oversized(port: int, limit_bytes: int) -> AbuseResult:
-    """A body over the limit (plain and chunked), a gzip bomb, a huge Content-Length never sent."""
+async def oversized(port: int, limit_bytes: int, authorization: bytes) -> AbuseResult:
+    """A body over the limit (plain and chunked), a gzip bomb, a huge Content-Length never sent, each with a
+    valid key (so that each is refused for what it is, not for a missing key)."""
     result = AbuseResult()
     size = limit_bytes + MIB
-    head = (
-        f"POST /bulk_transfer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
-    ).encode()
+    head = post_head(authorization) + f"Content-Length: {size}\r\n\r\n".encode()
     status = await _raw_post(port, head, _chunks(size))
     result.figures["oversized body"] = status
     if status != 413:
@@ -74,17 +81,14 @@ async def oversized(port: int, limit_bytes: int) -> AbuseResult:
             yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
         yield b"0\r\n\r\n"
 
-    head = HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+    head = post_head(authorization) + b"Transfer-Encoding: chunked\r\n\r\n"
     status = await _raw_post(port, head, chunked())
     result.figures["oversized chunked body"] = status
     if status != 413:
         result.problems.append(f"chunked body of {size} bytes: HTTP {status}, expected 413")
 
     bomb = gzip.compress(b'{"a":"' + b"0" * (4 * limit_bytes) + b'"}', compresslevel=9)
-    head = (
-        f"POST /bulk_transfer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
-        f"Content-Length: {len(bomb)}\r\n\r\n"
-    ).encode()
+    head = post_head(authorization) + f"Content-Encoding: gzip\r\nContent-Length: {len(bomb)}\r\n\r\n".encode()
     status = await _raw_post(port, head, [bomb])
     result.figures["gzip bomb"] = f"{len(bomb)} B -> {4 * limit_bytes} B: {status}"
     if status is None or status >= 500:
@@ -94,7 +98,9 @@ async def oversized(port: int, limit_bytes: int) -> AbuseResult:
     # deflate is not accepted at all (415).
     for encoding, expected in (("gzip", 400), ("deflate", 415)):
         body = b"[" * 100_000 + b"]" * 100_000
-        head = HEAD + f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        head = (
+            post_head(authorization) + f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
         status = await _raw_post(port, head, [body], within=10)
         result.figures[f"200 KB body not {encoding}"] = status
         if status != expected:
@@ -103,7 +109,7 @@ async def oversized(port: int, limit_bytes: int) -> AbuseResult:
                 + (f"HTTP {status}, expected {expected}" if status else "no answer in 10 s (connection left open)")
             )
 
-    head = HEAD + b"Content-Length: 1000000000000\r\n\r\n"
+    head = post_head(authorization) + b"Content-Length: 1000000000000\r\n\r\n"
     status = await _raw_post(port, head, [b'{"organization_iban": "'], within=2)
     result.figures["huge Content-Length, body never sent"] = status
     if status is not None and status >= 500:
@@ -112,7 +118,15 @@ async def oversized(port: int, limit_bytes: int) -> AbuseResult:
 
 
 async def slow_and_idle(
-    port: int, valid_bodies, *, idle: int, slow: int, seconds: float, max_latency: float, drip_interval: float = 0.5
+    port: int,
+    valid_bodies,
+    authorization: bytes,
+    *,
+    idle: int,
+    slow: int,
+    seconds: float,
+    max_latency: float,
+    drip_interval: float = 0.5,
 ) -> AbuseResult:
     """`idle` connections that send nothing, `slow` slowloris connections dripping headers or a body byte by
     byte, while a well-behaved client keeps sending valid requests: they must all be answered, promptly."""
@@ -175,7 +189,7 @@ async def slow_and_idle(
                 async with session.post(
                     f"http://127.0.0.1:{port}/bulk_transfer",
                     data=body,
-                    headers={"Content-Type": "application/json"},
+                    headers={"Content-Type": "application/json", "Authorization": authorization.decode()},
                     timeout=aiohttp.ClientTimeout(total=30),
                 ) as response:
                     await response.read()

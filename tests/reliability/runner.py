@@ -19,7 +19,9 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import psycopg
 
+from service import access as service_access
 from service import db
 
 from . import abuse, hostile
@@ -28,7 +30,7 @@ from .cluster import Cluster, free_port
 from .services import Service
 from .workload import CRASH_MIX, Account, Clients, Generator, Mix, Stats
 
-PHASES = ("soak", "crash", "dbfault", "hostile")
+PHASES = ("soak", "access", "crash", "dbfault", "hostile")
 # What issue 4 asks at least; a smaller run is reported as such.
 ISSUE_MINIMUMS = {"clients": 64, "requests": 100_000, "kills": 20, "db_restarts": 3, "hostile": 10_000}
 
@@ -68,6 +70,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--db-restarts", type=int, default=env("db_restarts", 3), help="immediate stops of PostgreSQL")
     p.add_argument("--db-down-seconds", type=float, default=env("db_down_seconds", 2.0))
     p.add_argument("--hostile", type=int, default=env("hostile", 10_000), help="hypothesis examples")
+    p.add_argument(
+        "--access-requests", type=int, default=env("access_requests", 20_000), help="HTTP requests of the access phase"
+    )
+    p.add_argument(
+        "--attackers", type=int, default=env("attackers", 16), help="clients with bad keys in the access phase"
+    )
     p.add_argument("--idle", type=int, default=env("idle", 1_000), help="idle connections held open")
     p.add_argument("--slow", type=int, default=env("slow", 200), help="slowloris connections")
     p.add_argument("--slow-seconds", type=float, default=env("slow_seconds", 10.0))
@@ -89,6 +97,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             crash_requests=1_000,
             db_restarts=1,
             hostile=300,
+            access_requests=2_000,
+            attackers=4,
             idle=100,
             slow=20,
             slow_seconds=3.0,
@@ -152,7 +162,8 @@ async def make_accounts(
             account_id = await connection.fetchval(
                 "SELECT bps.create_bank_account($1, $2, $3, $4)", name, iban, bic, opening
             )
-            accounts.append(Account(account_id, name, iban, bic, opening, hot))
+            key = await connection.fetchval("SELECT bps.create_api_key(ARRAY[$1::bigint], $2)", account_id, name)
+            accounts.append(Account(account_id, name, iban, bic, opening, hot, key))
     finally:
         await connection.close()
     return accounts
@@ -235,6 +246,162 @@ async def fetch_balance(url: str, account_id: int) -> int:
         return await connection.fetchval("SELECT balance_cents FROM bps.bank_accounts WHERE id = $1", account_id)
     finally:
         await connection.close()
+
+
+async def access(run: Run) -> None:
+    """The soak's load with clients holding bad keys mixed in (revoked, expired, never made, mistyped, read-only,
+    another account's, none at all), and the keys of some ordinary accounts revoked while their clients are
+    sending: no bad key writes anything, a revoked key stops at once, and every check of the soak holds."""
+    args = run.args
+    started = time.monotonic()
+    checks = Checks("access")
+    url = await new_database(run, "bps_access")
+    rng = random.Random(args.seed + 4)
+    accounts = await make_accounts(url, rng, max(args.accounts // 5, 10), *demand(args, args.access_requests))
+    ordinary = [a for a in accounts if not a.hot]
+    doomed = ordinary[: max(len(ordinary) // 10, 1)]  # their keys are revoked during the run
+    connection = await asyncpg.connect(url)
+    try:
+        bystander = await connection.fetchval(
+            "SELECT bps.create_bank_account('Bystander SARL', 'FR7611111111111111111111111', 'BYSTFRPPXXX', 1000)"
+        )
+        bad: list[tuple[str, str | None, int, Account | None]] = []  # (kind, Authorization, status, account)
+        for account in rng.sample(ordinary, min(len(ordinary), 20)):
+
+            async def key(scopes: str, account_id: int = account.id) -> str:
+                return await connection.fetchval(
+                    "SELECT bps.create_api_key(ARRAY[$1::bigint], 'access phase', $2::text::text[])",
+                    account_id,
+                    scopes,
+                )
+
+            revoked = await key("{transfers:write,transfers:read}")
+            await connection.execute("SELECT bps.revoke_api_key($1::text)", revoked)
+            expired = await key("{transfers:write,transfers:read}")
+            await connection.execute(
+                "UPDATE bps.api_credentials SET expires_at = now() WHERE key_hash = sha256(convert_to($1, 'UTF8'))",
+                expired,
+            )
+            mistyped = account.api_key[:-1] + ("A" if account.api_key[-1] != "A" else "B")
+            bad += [
+                ("revoked", f"Bearer {revoked}", 401, account),
+                ("expired", f"Bearer {expired}", 401, account),
+                ("mistyped", f"Bearer {mistyped}", 401, account),
+                ("read-only", f"Bearer {await key('{transfers:read}')}", 403, account),
+                ("another account's", f"Bearer {await key('{transfers:write}', bystander)}", 404, account),
+            ]
+        never_made = "bps_" + "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(32))
+        bad += [
+            ("never made", f"Bearer {never_made}{service_access.checksum(never_made)}", 401, None),
+            ("none", None, 401, None),
+            ("Basic", "Basic dXNlcjpwYXNz", 401, None),
+        ]
+    finally:
+        await connection.close()
+
+    services = run.new_services(url, args.services, args.workers, "access")
+    await start_services(services)
+    generator = Generator(rng, "A", accounts, Mix(), args.hot_share)
+    for account in doomed:
+        generator.also_allowed[account.id] = {(401, "unauthorized")}
+    stats = Stats()
+    clients = Clients(generator, [s.base_url for s in services], stats, retry=True, attempt_timeout=60)
+    stop = asyncio.Event()
+    attacker_statuses: Counter = Counter()
+    attacker_violations: list[str] = []
+    revocation: dict = {}
+
+    async def attacker(n: int, session: aiohttp.ClientSession) -> None:
+        sent = 0
+        while not stop.is_set():
+            kind, authorization, expected, account = rng.choice(bad)
+            target = account or rng.choice(ordinary)
+            rid = f"X{n}.{sent}"
+            sent += 1
+            body = json.dumps(generator._payload(rid, target, [rng.randint(1, 5_000)])).encode()
+            headers = {"Content-Type": "application/json"}
+            if authorization is not None:
+                headers["Authorization"] = authorization
+            if rng.random() < 0.3:
+                headers["Idempotency-Key"] = f"attack-{rid}"
+            url_ = rng.choice(services).base_url + "/bulk_transfer"
+            try:
+                async with session.post(url_, data=body, headers=headers) as response:
+                    await response.read()
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError) as error:
+                status = type(error).__name__
+            attacker_statuses[(kind, status)] += 1
+            if status != expected:
+                attacker_violations.append(f"{kind} key: HTTP {status}, expected {expected}")
+
+    async def revoke_some() -> None:
+        # Once about a third of the load is sent, so the doomed keys are used before and after.
+        until = time.monotonic() + args.soak_seconds
+        while stats.http_requests < args.access_requests * rng.uniform(0.2, 0.4) and time.monotonic() < until:
+            await asyncio.sleep(0.05)
+        connection = await asyncpg.connect(url)
+        try:
+            revocation["key_ids"] = [
+                await connection.fetchval(
+                    "SELECT id FROM bps.api_credentials WHERE key_hash = sha256(convert_to($1, 'UTF8'))", a.api_key
+                )
+                for a in doomed
+            ]
+            await connection.execute(
+                "SELECT bps.revoke_api_key(id) FROM unnest($1::bigint[]) AS id", revocation["key_ids"]
+            )
+            # Read after the revocation committed: a request that began after this must not have written.
+            revocation["committed_by"] = await connection.fetchval("SELECT clock_timestamp()")
+        finally:
+            await connection.close()
+
+    async with aiohttp.ClientSession() as session:
+        attackers = [asyncio.create_task(attacker(n, session)) for n in range(args.attackers)]
+        revoker = asyncio.create_task(revoke_some())
+        await clients.run(args.clients, args.access_requests, args.soak_seconds)
+        stop.set()
+        await asyncio.gather(*attackers, revoker)
+    for service in services:
+        service.stop()
+
+    check_answers(checks, clients.sent, stats, everyone_answered=True)
+    await check_database(checks, url, accounts, generator.requests, clients.sent, everyone_answered=True)
+    attacks = sum(attacker_statuses.values())
+    checks.add(
+        "every request with a bad key refused as the access table says (401, 403, 404)", attacks, attacker_violations
+    )
+    connection = await asyncpg.connect(url)
+    try:
+        written = await connection.fetchval("SELECT count(*) FROM bps.transfers WHERE client_reference LIKE 'X%'")
+        late = await connection.fetch(
+            "SELECT id, created_at FROM bps.bulk_transfers WHERE api_key_id = ANY($1::bigint[]) AND created_at > $2",
+            revocation["key_ids"],
+            revocation["committed_by"],
+        )
+    finally:
+        await connection.close()
+    checks.expect("no request with a bad key wrote anything", written == 0, f"{written} transfers written")
+    checks.add(
+        "a revoked key stops at once: nothing it made began after its revocation committed",
+        len(doomed),
+        [f"bulk {r['id']} began at {r['created_at']}, after {revocation['committed_by']}" for r in late],
+    )
+    refused_after = sum(1 for r in clients.sent if r.account_id in {a.id for a in doomed} and r.final_status == 401)
+    checks.expect("the revoked keys' clients were refused afterwards", refused_after > 0, "no 401 for a revoked key")
+    run.checks += checks.items
+    run.figures.append(
+        figures(
+            "access",
+            stats,
+            clients,
+            f"{args.attackers} bad-key clients, {len(doomed)} keys revoked",
+            time.monotonic() - started,
+            note=f"bad-key requests {attacks}: "
+            + ", ".join(f"{k} {s} x{n}" for (k, s), n in sorted(attacker_statuses.items(), key=str))
+            + f"; revoked keys' requests refused afterwards: {refused_after}",
+        )
+    )
 
 
 async def crash(run: Run) -> None:
@@ -412,6 +579,8 @@ async def probe_once(session: aiohttp.ClientSession, service: Service, method: s
     headers = {"Content-Type": "application/json"}
     if probe is not None and probe.key:
         headers["Idempotency-Key"] = probe.key
+    if probe is not None and probe.api_key:
+        headers["Authorization"] = f"Bearer {probe.api_key}"
     try:
         async with session.request(
             method,
@@ -426,9 +595,11 @@ async def probe_once(session: aiohttp.ClientSession, service: Service, method: s
         return type(error).__name__, None
 
 
-def hypothesis_run(port: int, url: str, accounts: list[dict], examples: int, seed: int) -> dict:
-    """Sends `examples` hypothesis-generated requests one by one, judging each against the database."""
-    import psycopg
+def hypothesis_run(
+    port: int, url: str, accounts: list[dict], choices: list[hostile.Credential], examples: int, seed: int
+) -> dict:
+    """Sends `examples` hypothesis-generated requests one by one, with good and bad keys, judging each against
+    the database."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
 
@@ -448,7 +619,7 @@ def hypothesis_run(port: int, url: str, accounts: list[dict], examples: int, see
             phases=[Phase.generate],
             suppress_health_check=list(HealthCheck),
         )
-        @given(hostile.hostile_requests(accounts))
+        @given(hostile.hostile_requests(accounts, choices))
         def prop(request: hostile.Hostile) -> None:
             nonlocal count
             count += 1
@@ -498,18 +669,24 @@ async def hostile_phase(run: Run) -> None:
     rng = random.Random(args.seed + 3)
     accounts = await make_accounts(url, rng, 3, 50_000, 10_000)
     targets = [{"name": a.name, "iban": a.iban, "bic": a.bic} for a in accounts]
+    with psycopg.connect(url, autocommit=True) as connection:
+        other = connection.execute(
+            "SELECT bps.create_bank_account('Bystander SARL', 'FR7611111111111111111111111', 'BYSTFRPPXXX', 1000)"
+        ).fetchone()[0]
+        choices = hostile.credentials(connection, [a.id for a in accounts], other)
+    valid = choices[0].header
     (service,) = run.new_services(url, 1, 1, "hostile")
     await start_services([service])
     pid = service.process.pid
 
-    result = await asyncio.to_thread(hypothesis_run, service.port, url, targets, args.hostile, args.seed)
+    result = await asyncio.to_thread(hypothesis_run, service.port, url, targets, choices, args.hostile, args.seed)
     statuses, violations, count, slowest = result["statuses"], result["violations"], result["count"], result["slowest"]
     (run.logs / "hostile-violations.txt").write_text("\n".join(violations))
     checks.add(f"hypothesis: never a 5xx, rejected requests change nothing ({count} examples)", count, violations)
     checks.expect(f"{args.hostile} hypothesis examples run", count >= args.hostile, f"only {count}")
 
     limit = int(os.environ.get("BPS_MAX_BODY_BYTES", 16 * 1024 * 1024))
-    big = await abuse.oversized(service.port, limit)
+    big = await abuse.oversized(service.port, limit, valid)
     checks.add(
         "oversized, compressed-bomb and mis-encoded bodies: answered, never a 5xx", len(big.figures), big.problems
     )
@@ -526,6 +703,7 @@ async def hostile_phase(run: Run) -> None:
     slow = await abuse.slow_and_idle(
         service.port,
         valid_bodies(),
+        valid,
         idle=args.idle,
         slow=args.slow,
         seconds=args.slow_seconds,
@@ -570,7 +748,7 @@ async def hostile_phase(run: Run) -> None:
     )
 
 
-PHASE_FUNCTIONS = {"soak": soak, "crash": crash, "dbfault": dbfault, "hostile": hostile_phase}
+PHASE_FUNCTIONS = {"soak": soak, "access": access, "crash": crash, "dbfault": dbfault, "hostile": hostile_phase}
 
 
 def print_report(run: Run, seconds: float) -> tuple[int, int]:

@@ -27,6 +27,7 @@ class Account:
     bic: str
     opening_cents: int
     hot: bool = False
+    api_key: str = ""  # a key of this account alone, with both scopes
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Request:
     expect: set  # allowed final (status, code); code None = any
     content_type: str = "application/json"
     attempts_allowed: int = 1_000  # 1 = a client that crashes (forgets) on its first failure
+    api_key: str | None = None  # sent as Authorization: Bearer; None: no Authorization header
     # Filled in by the clients.
     statuses: list = field(default_factory=list)  # per attempt; 0 = no answer (connection lost, timeout)
     codes: list = field(default_factory=list)
@@ -123,6 +125,7 @@ class Generator:
         self.rng = rng
         self.tag = tag
         self.accounts = [a for a in accounts if not a.hot]
+        self.api_keys = {a.id: a.api_key for a in accounts}
         self.hot = next((a for a in accounts if a.hot), None)
         self.mix = mix
         self.hot_share = hot_share
@@ -133,6 +136,8 @@ class Generator:
         self.recent_unkeyed: list[Request] = []
         self.finished_keyed: list[Request] = []
         self.kinds = Counter()
+        # More answers allowed for the requests of an account (its key may be revoked during the run).
+        self.also_allowed: dict[int, set] = {}
 
     def _rid(self) -> str:
         self.seq += 1
@@ -190,8 +195,7 @@ class Generator:
             expect,
             attempts_allowed=attempts_allowed,
         )
-        self.requests[rid] = request
-        return request
+        return self._register(request)
 
     def next(self) -> list[Request]:
         """The next thing one client does: one request, or several sent at once (a race)."""
@@ -219,7 +223,7 @@ class Generator:
             if rng.random() < 0.3:  # the same JSON value, written differently: still a duplicate
                 body = json.dumps(json.loads(body), sort_keys=True, indent=rng.choice([None, 1, 2])).encode()
             dup = self._copy(original, "dup", body=body)
-            dup.expect = {(409, "duplicate_request"), *ACCEPT_OR_SHORT}
+            dup.expect = {(409, "duplicate_request"), *ACCEPT_OR_SHORT} | self.also_allowed.get(dup.account_id, set())
             return [dup]
         if kind == "key_reuse" and self.finished_keyed:
             original = rng.choice(self.finished_keyed[-500:])
@@ -230,6 +234,8 @@ class Generator:
             payload["organization_iban"], payload["organization_bic"] = account.iban, account.bic
             payload.pop("organization_name", None)
             request.account_id = account.id
+            request.api_key = account.api_key
+            request.expect = request.expect | self.also_allowed.get(account.id, set())
             request.body = json.dumps(payload).encode()
             return [request]
         if kind == "short":
@@ -247,8 +253,7 @@ class Generator:
                 sum(amounts),
                 {(422, "insufficient_funds")},
             )
-            self.requests[rid] = request
-            return [request]
+            return [self._register(request)]
         return [self._invalid()]
 
     def _copy(self, original: Request, kind: str, body: bytes | None = None) -> Request:
@@ -261,6 +266,7 @@ class Generator:
             original.transfer_count,
             original.total_cents,
             original.expect,
+            api_key=original.api_key,
         )
         return copy
 
@@ -321,7 +327,13 @@ class Generator:
 
     def _register(self, request: Request) -> Request:
         self.requests[request.rid] = request
+        request.api_key = self.key_of(request.account_id)
+        request.expect = request.expect | self.also_allowed.get(request.account_id, set())
         return request
+
+    def key_of(self, account_id: int | None) -> str | None:
+        """The API key a client of this account sends."""
+        return self.api_keys.get(account_id)
 
 
 @dataclass
@@ -420,6 +432,8 @@ class Clients:
         headers = {"Content-Type": request.content_type}
         if request.key is not None:
             headers["Idempotency-Key"] = request.key
+        if request.api_key is not None:
+            headers["Authorization"] = f"Bearer {request.api_key}"
         url = self.rng.choice(self.base_urls) + self.rng.choice(["/bulk_transfer", "/transfers/bulk"])
         self.stats.http_requests += 1
         started = time.monotonic()
