@@ -23,15 +23,16 @@ log = logging.getLogger("bps")
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
 
-# The entry points of schema bps_api, the only functions the service's database role may execute. They set
-# response.headers (PostgREST's convention) and name the account and key of the call for the access log in
-# response.account_id and response.api_key_id; all are read in the same statement.
-ANSWER = (
-    "r.status, r.body::text, current_setting('response.headers', true), "
-    "current_setting('response.account_id', true), current_setting('response.api_key_id', true)"
-)
-BULK_TRANSFER_SQL = f"SELECT {ANSWER} FROM bps_api.bulk_transfer($1, $2, $3) AS r(status, body)"
+# The entry points of schema bps_api, the only functions the service's database role may execute: each
+# answers the status and body, and the ids of the account and the key the call was about, for the access
+# log; it sets response.headers (PostgREST's convention), read in the same statement.
+ANSWER = "r.status, r.body::text, current_setting('response.headers', true), r.bank_account_id, r.api_key_id"
+# The body is cast to jsonb here, before the function runs: a body that is not JSON fails this statement
+# with a data exception (SQLSTATE class 22: bad syntax, \u0000, a number out of range) or a program limit
+# (class 54: nested too deep, too big). The function itself never raises those for a request.
+BULK_TRANSFER_SQL = f"SELECT {ANSWER} FROM bps_api.bulk_transfer($1, $2::jsonb, $3) AS r"
 GET_BULK_TRANSFER_SQL = f"SELECT {ANSWER} FROM bps_api.get_bulk_transfer($1, $2) AS r"
+UNREADABLE_JSON_CLASSES = ("22", "54")
 AUTHENTICATE_SQL = f"SELECT {ANSWER} FROM bps_api.authenticate($1, $2) AS r"
 
 # Titles of the problems the service answers itself; sql/02_responses.sql titles the function's.
@@ -194,7 +195,14 @@ async def post_bulk_transfer(request: web.Request) -> web.Response:
     if idempotency_key is not None and not is_text(idempotency_key):
         # PostgreSQL cannot even receive it: send the empty key, which the function refuses like any bad key.
         idempotency_key = ""
-    return await call(request, BULK_TRANSFER_SQL, key, body, idempotency_key)
+    try:
+        return await call(request, BULK_TRANSFER_SQL, key, body, idempotency_key)
+    except asyncpg.PostgresError as error:
+        if (error.sqlstate or "")[:2] not in UNREADABLE_JSON_CLASSES:
+            raise
+        reason = " ".join(f"{error.message}. {error.detail or ''}".split())[:300]
+        refusal = problem(400, "invalid_json", f"The request body is not valid JSON: {reason}")
+        return await refuse(request, key, "transfers:write", refusal)
 
 
 async def get_bulk_transfer(request: web.Request) -> web.Response:

@@ -21,8 +21,8 @@ from aiohttp.abc import AbstractAccessLogger
 REQUEST_ID = web.RequestKey("request_id", str)
 STARTED = web.RequestKey("started", float)  # perf_counter() when the request reached the application
 # Set by a handler from the database's answer: the account and key a request was for.
-ACCOUNT_ID = web.RequestKey("account_id", str)
-API_KEY_ID = web.RequestKey("api_key_id", str)
+ACCOUNT_ID = web.RequestKey("account_id", int)
+API_KEY_ID = web.RequestKey("api_key_id", int)
 
 FORMATS = ("text", "json")
 

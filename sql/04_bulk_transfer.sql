@@ -46,12 +46,16 @@ BEGIN
 END
 $$;
 
+-- Its return type changed: an earlier definition must go first (CREATE OR REPLACE cannot change it).
+DROP FUNCTION IF EXISTS bps.bulk_transfer(jsonb, text, bigint[], bigint);
+
 -- Validates, deduplicates and records one bulk transfer, debiting its account once; all or nothing.
 -- bank_account_ids are the accounts the caller may debit, and api_key_id the key it called with (NULL and
 -- NULL: any account, the owner's call). An account outside them is not found, exactly as an account that
--- does not exist.
+-- does not exist. account_id: the account the request named, when it was found (for the access log).
 CREATE OR REPLACE FUNCTION bps.bulk_transfer(payload jsonb, idempotency_key text, bank_account_ids bigint[],
-                                             api_key_id bigint, OUT status integer, OUT body jsonb)
+                                             api_key_id bigint, OUT status integer, OUT body jsonb,
+                                             OUT account_id bigint)
 LANGUAGE plpgsql
 -- Plan each statement once per connection, not on every call, and with index scans: a plan cached
 -- while a table was small must not stay a sequential scan.
@@ -107,8 +111,7 @@ BEGIN
      WHERE a.iban = bps.normalize_iban(payload ->> 'organization_iban')
        AND a.bic = bps.normalize_bic(payload ->> 'organization_bic')
        AND (bulk_transfer.bank_account_ids IS NULL OR a.id = ANY (bulk_transfer.bank_account_ids));
-    -- Which account the request is for, for the service's access log (never its IBAN).
-    PERFORM set_config('response.account_id', coalesce(account.id::text, ''), true);
+    account_id := account.id;
 
     -- The fast path, for valid requests: two jsonpath scans (in C) show every transfer is an object and
     -- every value in them a string; then one pass reads the transfers as bps.transfer_input (text fields),

@@ -113,7 +113,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 -- What a key may do for a call that needs `scope`: its id and accounts, or the refusal (401 or 403) with
--- its body. The lookup is one unique-index probe; the key's last use is written at most once a minute,
+-- its body (a 403 still names the key). The lookup is one unique-index probe; the key's last use is written at most once a minute,
 -- without waiting for a concurrent request of the same key that is writing it.
 CREATE OR REPLACE FUNCTION bps.key_access(api_key text, scope text, OUT api_key_id bigint,
                                           OUT bank_account_ids bigint[], OUT status integer, OUT body jsonb)
@@ -128,8 +128,7 @@ BEGIN
         PERFORM set_config('response.headers', '{"WWW-Authenticate": "Bearer realm=\"bps\""}', true);
         RETURN;
     END IF;
-    -- Which key the call was made with, for the service's access log (its id, never its text).
-    PERFORM set_config('response.api_key_id', credential.id::text, true);
+    api_key_id := credential.id;
     IF NOT scope = ANY (credential.scopes) THEN
         status := 403;
         body := bps.problem(403, 'forbidden', format('This API key lacks the scope %s.', scope));
@@ -140,7 +139,6 @@ BEGIN
          WHERE c.id = (SELECT l.id FROM bps.api_credentials AS l WHERE l.id = credential.id
                           FOR NO KEY UPDATE SKIP LOCKED);
     END IF;
-    api_key_id := credential.id;
     bank_account_ids := credential.bank_account_ids;
 END
 $$;

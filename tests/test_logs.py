@@ -166,4 +166,4 @@ def test_no_log_line_holds_a_key_or_personal_data_and_every_request_is_logged_by
         assert all(isinstance(json.loads(line), dict) for line in lines)
         access = [json.loads(line) for line in lines if '"route"' in line]
         assert {entry["route"] for entry in access} >= {"/bulk_transfer", "/transfers/bulk", "/bulk_transfers/{id}"}
-        assert {entry["account_id"] for entry in access if entry["status"] == 201} == {str(account)}
+        assert {entry["account_id"] for entry in access if entry["status"] == 201} == {account}

@@ -92,10 +92,11 @@ async def test_the_service_role_executes_its_entry_point_with_a_key(as_service, 
     key = await pool.fetchval("SELECT bps.create_api_key(ARRAY[$1::bigint], 'roles test')", account.id)
     payload = json.dumps(request_for(account, [transfer("1.00")]))
 
-    status, body = await as_service.fetchrow("SELECT * FROM bps_api.bulk_transfer($1, $2)", key, payload)
-    assert status == 201, body
-    status, body = await as_service.fetchrow("SELECT * FROM bps_api.bulk_transfer(NULL, $1)", payload)
-    assert status == 401
+    answer = await as_service.fetchrow("SELECT * FROM bps_api.bulk_transfer($1, $2::jsonb)", key, payload)
+    assert answer["status"] == 201, answer["body"]
+    assert answer["bank_account_id"] == account.id
+    answer = await as_service.fetchrow("SELECT * FROM bps_api.bulk_transfer(NULL, $1::jsonb)", payload)
+    assert answer["status"] == 401
 
 
 async def test_the_roles_own_nothing(pool):

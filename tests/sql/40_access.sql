@@ -19,12 +19,12 @@ SELECT is((SELECT scopes FROM bps.api_keys WHERE id = :key_id), ARRAY['transfers
 SELECT is((SELECT state FROM bps.api_keys WHERE id = :key_id), 'live', '... and that it works');
 SELECT hasnt_column('bps', 'api_keys', 'key_hash', 'the view shows no hash');
 
-CREATE FUNCTION pg_temp.req(iban text) RETURNS text
+CREATE FUNCTION pg_temp.req(iban text) RETURNS jsonb
 LANGUAGE sql AS $$
     SELECT jsonb_build_object('organization_iban', iban, 'organization_bic', 'KEYSFRPPXXX',
         'credit_transfers', jsonb_build_array(jsonb_build_object('amount', '1.00', 'counterparty_name', 'Bip Bip',
             'counterparty_iban', 'EE383680981021245685', 'counterparty_bic', 'CRLYFRPPTOU',
-            'description', 'keys ' || iban)))::text
+            'description', 'keys ' || iban)))
 $$;
 
 SELECT is((SELECT status FROM bps_api.bulk_transfer(:'key', pg_temp.req('FR7630000000000000000000101'))), 201,
