@@ -31,6 +31,7 @@ def serve_one(config: Config) -> None:
         reuse_port=config.workers > 1,
         access_log=logging.getLogger("bps.access") if config.access_log else None,
         access_log_class=logs.AccessLogger,
+        access_log_format=config.log_format,
         shutdown_timeout=config.shutdown_timeout_seconds,
         print=lambda message: log.info(message.strip()),
     )

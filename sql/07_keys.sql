@@ -112,33 +112,59 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         'revoked and expired keys are refused alike.')
 $$;
 
--- What a key may do for a call that needs `scope`: its id and accounts, or the refusal (401 or 403) with
--- its body (a 403 still names the key). The lookup is one unique-index probe; the key's last use is written at most once a minute,
--- without waiting for a concurrent request of the same key that is writing it.
+-- What a key may do for a call that needs `scope`: its id (NULL for a key that does not exist) and accounts,
+-- the refusal it gets (401, 403; NULL: none), and whether its last use should be written. A SQL function
+-- the planner inlines into the caller's statement: the check is one unique-index probe, no call of its own.
+CREATE OR REPLACE FUNCTION bps.key_check(api_key text, scope text)
+RETURNS TABLE (api_key_id bigint, bank_account_ids bigint[], refusal integer, stale boolean)
+LANGUAGE sql STABLE AS $$
+    SELECT c.id, c.bank_account_ids,
+           CASE WHEN c.id IS NULL OR c.revoked_at IS NOT NULL OR c.expires_at <= now() THEN 401
+                WHEN NOT scope = ANY (c.scopes) THEN 403 END,
+           c.last_used_at IS NULL OR c.last_used_at < now() - interval '1 minute'
+      FROM (SELECT 1) AS one
+      LEFT JOIN bps.api_credentials AS c ON c.key_hash = sha256(convert_to(api_key, 'UTF8'))
+$$;
+
+-- The answer to a refused key (bps.key_check's refusal): the 401 with its challenge header, or the 403.
+CREATE OR REPLACE FUNCTION bps.key_refusal(refusal integer, scope text, OUT status integer, OUT body jsonb)
+LANGUAGE plpgsql AS $$
+BEGIN
+    status := refusal;
+    IF refusal = 401 THEN
+        body := bps.unauthorized();
+        PERFORM set_config('response.headers', '{"WWW-Authenticate": "Bearer realm=\"bps\""}', true);
+    ELSE
+        body := bps.problem(403, 'forbidden', format('This API key lacks the scope %s.', scope));
+    END IF;
+END
+$$;
+
+-- Writes a key's last use, at most once a minute (bps.key_check says when), without waiting for a concurrent
+-- request of the same key that is writing it.
+CREATE OR REPLACE FUNCTION bps.touch_api_key(api_key_id bigint) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE bps.api_credentials AS c SET last_used_at = now()
+     WHERE c.id = (SELECT l.id FROM bps.api_credentials AS l WHERE l.id = api_key_id FOR NO KEY UPDATE SKIP LOCKED)
+$$;
+
+-- bps.key_check with its consequences, for the entry points that are not the hot path: the refusal's
+-- (status, body), or the key's id and accounts with its last use written.
 CREATE OR REPLACE FUNCTION bps.key_access(api_key text, scope text, OUT api_key_id bigint,
                                           OUT bank_account_ids bigint[], OUT status integer, OUT body jsonb)
 LANGUAGE plpgsql AS $$
 DECLARE
-    credential bps.api_credentials;
+    checked record;
 BEGIN
-    SELECT * INTO credential FROM bps.api_credentials AS c WHERE c.key_hash = sha256(convert_to(api_key, 'UTF8'));
-    IF credential.id IS NULL OR credential.revoked_at IS NOT NULL OR credential.expires_at <= now() THEN
-        status := 401;
-        body := bps.unauthorized();
-        PERFORM set_config('response.headers', '{"WWW-Authenticate": "Bearer realm=\"bps\""}', true);
+    SELECT * INTO checked FROM bps.key_check(api_key, scope) AS k;
+    api_key_id := checked.api_key_id;
+    IF checked.refusal IS NOT NULL THEN
+        SELECT r.status, r.body INTO status, body FROM bps.key_refusal(checked.refusal, scope) AS r;
         RETURN;
     END IF;
-    api_key_id := credential.id;
-    IF NOT scope = ANY (credential.scopes) THEN
-        status := 403;
-        body := bps.problem(403, 'forbidden', format('This API key lacks the scope %s.', scope));
-        RETURN;
+    IF checked.stale THEN
+        PERFORM bps.touch_api_key(checked.api_key_id);
     END IF;
-    IF credential.last_used_at IS NULL OR credential.last_used_at < now() - interval '1 minute' THEN
-        UPDATE bps.api_credentials AS c SET last_used_at = now()
-         WHERE c.id = (SELECT l.id FROM bps.api_credentials AS l WHERE l.id = credential.id
-                          FOR NO KEY UPDATE SKIP LOCKED);
-    END IF;
-    bank_account_ids := credential.bank_account_ids;
+    bank_account_ids := checked.bank_account_ids;
 END
 $$;

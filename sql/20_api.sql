@@ -23,24 +23,25 @@ $$;
 
 -- POST /bulk_transfer and /transfers/bulk. The service casts the body to jsonb in its own statement: a body
 -- that is not JSON fails there (SQLSTATE class 22 or 54), and the service asks bps_api.authenticate first.
+-- The hot path: the key check is inlined into its first statement, and the planner settings are the core's.
 CREATE OR REPLACE FUNCTION bps_api.bulk_transfer(api_key text, payload jsonb, idempotency_key text DEFAULT NULL,
                                                  OUT status integer, OUT body jsonb, OUT bank_account_id bigint,
                                                  OUT api_key_id bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
--- Index scans, planned once per connection: a plan cached while a table was small must not stay a scan.
-SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    access record;
+    checked record;
 BEGIN
-    SELECT * INTO access FROM bps.key_access(api_key, 'transfers:write') AS a;
-    api_key_id := access.api_key_id;
-    IF access.status IS NOT NULL THEN
-        status := access.status;
-        body := access.body;
+    SELECT * INTO checked FROM bps.key_check(api_key, 'transfers:write') AS k;
+    api_key_id := checked.api_key_id;
+    IF checked.refusal IS NOT NULL THEN
+        SELECT r.status, r.body INTO status, body FROM bps.key_refusal(checked.refusal, 'transfers:write') AS r;
         RETURN;
     END IF;
+    IF checked.stale THEN
+        PERFORM bps.touch_api_key(checked.api_key_id);
+    END IF;
     SELECT r.status, r.body, r.account_id INTO status, body, bank_account_id
-      FROM bps.bulk_transfer(payload, idempotency_key, access.bank_account_ids, access.api_key_id) AS r;
+      FROM bps.bulk_transfer(payload, idempotency_key, checked.bank_account_ids, checked.api_key_id) AS r;
 END
 $$;
 
