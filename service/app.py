@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from time import perf_counter
 
 import asyncpg
@@ -31,7 +32,6 @@ ANSWER = "r.status, r.body::text, current_setting('response.headers', true), r.b
 # with a data exception (SQLSTATE class 22: bad syntax, \u0000, a number out of range) or a program limit
 # (class 54: nested too deep, too big). The function itself never raises those for a request.
 BULK_TRANSFER_SQL = f"SELECT {ANSWER} FROM bps_api.bulk_transfer($1, $2::jsonb, $3) AS r"
-GET_BULK_TRANSFER_SQL = f"SELECT {ANSWER} FROM bps_api.get_bulk_transfer($1, $2) AS r"
 UNREADABLE_JSON_CLASSES = ("22", "54")
 AUTHENTICATE_SQL = f"SELECT {ANSWER} FROM bps_api.authenticate($1, $2) AS r"
 
@@ -201,15 +201,38 @@ async def post_bulk_transfer(request: web.Request) -> web.Response:
         if (error.sqlstate or "")[:2] not in UNREADABLE_JSON_CLASSES:
             raise
         reason = " ".join(f"{error.message}. {error.detail or ''}".split())[:300]
-        refusal = problem(400, "invalid_json", f"The request body is not valid JSON: {reason}")
-        return await refuse(request, key, "transfers:write", refusal)
+        return await refuse(
+            request,
+            key,
+            "transfers:write",
+            problem(400, "invalid_json", f"The request body is not valid JSON: {reason}"),
+        )
 
 
-async def get_bulk_transfer(request: web.Request) -> web.Response:
-    key = bearer_key(request.headers.get("Authorization"))
-    if key is None:
-        return unauthorized()
-    return await call(request, GET_BULK_TRANSFER_SQL, key, request.match_info["id"])
+def path_id(request: web.Request) -> str:
+    return request.match_info["id"]
+
+
+def query_of(request: web.Request) -> str:
+    """The query string as a JSON object: each parameter's value, or its values when it is given twice."""
+    query = request.query
+    return json.dumps(
+        {name: values[0] if len(values) == 1 else values for name in query for values in [query.getall(name)]}
+    )
+
+
+def keyed(function: str, *arguments: Callable[[web.Request], str]):
+    """A handler that hands the request's key and `arguments` (the path's id, the query) to bps_api.`function`,
+    whose answer is the response."""
+    sql = f"SELECT {ANSWER} FROM bps_api.{function}({', '.join(f'${i}' for i in range(1, len(arguments) + 2))}) AS r"
+
+    async def handler(request: web.Request) -> web.Response:
+        key = bearer_key(request.headers.get("Authorization"))
+        if key is None:
+            return unauthorized()
+        return await call(request, sql, key, *(argument(request) for argument in arguments))
+
+    return handler
 
 
 async def health(request: web.Request) -> web.Response:
@@ -279,6 +302,12 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(database_pool)
     for path in ("/bulk_transfer", "/transfers/bulk"):
         app.router.add_post(path, post_bulk_transfer)
-    app.router.add_get("/bulk_transfers/{id}", get_bulk_transfer)
+    app.router.add_get("/bulk_transfers", keyed("list_bulk_transfers", query_of))
+    app.router.add_get("/bulk_transfers/{id}", keyed("get_bulk_transfer", path_id))
+    app.router.add_post("/bulk_transfers/{id}/cancel", keyed("cancel_bulk_transfer", path_id))
+    # Not /transfers/bulk, the POST endpoint: a GET of it is 405, not a transfer named "bulk".
+    app.router.add_get("/transfers/{id:(?!bulk$)[^/]+}", keyed("get_transfer", path_id))
+    app.router.add_get("/accounts", keyed("list_accounts"))
+    app.router.add_get("/accounts/{id}/entries", keyed("list_account_entries", path_id, query_of))
     app.router.add_get("/health", health)
     return app

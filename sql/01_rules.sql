@@ -235,6 +235,35 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
                         t.description, t.client_reference)
 $$;
 
+-- Today, as the rules see it: the UTC date.
+CREATE OR REPLACE FUNCTION bps.today() RETURNS date
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT (now() AT TIME ZONE 'UTC')::date
+$$;
+
+-- The date a 'YYYY-MM-DD' string names, or NULL when it names none (2026-02-30, 0000-01-01, 26-1-1, ...).
+CREATE OR REPLACE FUNCTION bps.date_of(value text) RETURNS date
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN value ~ '^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$' AND left(value, 4) <> '0000' THEN
+        CASE WHEN substr(value, 9, 2)::integer
+                  <= extract(day FROM make_date(left(value, 4)::integer, substr(value, 6, 2)::integer, 1)
+                                      + interval '1 month' - interval '1 day')
+             THEN value::date END
+    END
+$$;
+
+-- What is wrong with a request's requested_execution_date (any JSON value, NULL when absent): it must be a
+-- 'YYYY-MM-DD' string naming a day from today to 365 days ahead (UTC).
+CREATE OR REPLACE FUNCTION bps.execution_date_problem(value jsonb) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN value IS NULL THEN NULL
+        WHEN jsonb_typeof(value) <> 'string' THEN 'invalid_type'
+        WHEN bps.date_of(value #>> '{}') IS NULL THEN 'invalid_date'
+        WHEN bps.date_of(value #>> '{}') NOT BETWEEN bps.today() AND bps.today() + 365 THEN 'date_out_of_range'
+    END
+$$;
+
 -- Every rule the request's top level breaks, as {"field": "code"}; '{}' when it is valid.
 -- account_name is NULL while the account is unknown.
 CREATE OR REPLACE FUNCTION bps.request_problems(payload jsonb, account_name text) RETURNS jsonb
@@ -250,8 +279,10 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
             WHEN payload -> 'credit_transfers' IS NULL THEN 'required'
             WHEN jsonb_typeof(payload -> 'credit_transfers') <> 'array' THEN 'invalid_type'
             WHEN jsonb_array_length(payload -> 'credit_transfers') = 0 THEN 'empty'
-        END
-    )) || bps.unknown_field_problems(payload, '{organization_name,organization_iban,organization_bic,credit_transfers}')
+        END,
+        'requested_execution_date', bps.execution_date_problem(payload -> 'requested_execution_date')
+    )) || bps.unknown_field_problems(payload, '{organization_name,organization_iban,organization_bic,credit_transfers,'
+                                              'requested_execution_date}')
 $$;
 
 -- A JSON pointer reference token (RFC 6901): '~' and '/' escaped.
@@ -284,6 +315,8 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         WHEN 'unknown_field' THEN format('unknown field "%s"', field)
         WHEN 'organization_name_mismatch' THEN 'organization_name does not match the account''s organization'
         WHEN 'invalid_idempotency_key' THEN 'the Idempotency-Key header must be 1 to 255 characters'
+        WHEN 'invalid_date' THEN format('%s must be a date written YYYY-MM-DD, such as "2026-12-24"', field)
+        WHEN 'date_out_of_range' THEN format('%s must be from today to 365 days ahead (UTC)', field)
         ELSE code
     END
 $$;

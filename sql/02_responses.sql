@@ -16,6 +16,8 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
             WHEN 'request_in_progress' THEN 'Request still in progress'
             WHEN 'payload_too_large' THEN 'Payload too large'
             WHEN 'bulk_transfer_not_found' THEN 'Bulk transfer not found'
+            WHEN 'transfer_not_found' THEN 'Transfer not found'
+            WHEN 'not_cancellable' THEN 'Nothing left to cancel'
             WHEN 'unauthorized' THEN 'Unauthorized'
             WHEN 'forbidden' THEN 'Forbidden'
             ELSE code END,

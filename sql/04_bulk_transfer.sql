@@ -212,11 +212,13 @@ BEGIN
         bulk_id := nextval('bps.bulk_transfers_id_seq');
         WITH bulk AS (
             INSERT INTO bps.bulk_transfers (id, bank_account_id, payload_hash, idempotency_key, transfer_count,
-                                            total_cents, currency, api_key_id)
+                                            total_cents, currency, api_key_id, requested_execution_date,
+                                            pending_count)
             OVERRIDING SYSTEM VALUE
             VALUES (bulk_id, account.id, bulk_transfer.payload_hash, bulk_transfer.idempotency_key,
                     bulk_transfer.transfer_count, bulk_transfer.total_cents, account.currency,
-                    bulk_transfer.api_key_id)
+                    bulk_transfer.api_key_id, bps.date_of(payload ->> 'requested_execution_date'),
+                    bulk_transfer.transfer_count)
         )
         INSERT INTO bps.transfers (id, bank_account_id, bulk_transfer_id, position, counterparty_name,
                                    counterparty_iban, counterparty_bic, amount_cents, amount_currency,
@@ -277,6 +279,7 @@ BEGIN
                 'total_amount', bps.format_cents(bulk_transfer.total_cents),
                 'currency', account.currency,
                 'balance_cents', balance_after,
+                'requested_execution_date', payload -> 'requested_execution_date',
                 'transfers', transfer_items);
             PERFORM set_config('response.headers', jsonb_build_object('Location', '/bulk_transfers/' || bulk_id)::text,
                                true);

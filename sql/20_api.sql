@@ -70,3 +70,174 @@ BEGIN
     END IF;
 END
 $$;
+
+-- The paging parameters of a list (limit: 1 to 200, 50 by default; cursor: of this list) and its filters,
+-- from the query string as sent (a JSON object; a parameter given twice is an array): every problem with its
+-- parameter, as the errors of a 422 validation_failed, or NULL when there is none.
+CREATE OR REPLACE FUNCTION bps.page_problems(query jsonb, kind text, filters jsonb) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_agg(jsonb_build_object('parameter', p.name, 'code', p.code, 'detail', p.detail) ORDER BY p.name)
+      FROM (
+        SELECT q.key AS name,
+               CASE
+                   WHEN q.key NOT IN ('limit', 'cursor') AND NOT filters ? q.key THEN 'unknown_parameter'
+                   WHEN jsonb_typeof(q.value) <> 'string' THEN 'repeated_parameter'
+                   WHEN q.key = 'limit' AND NOT (q.value #>> '{}' ~ '^[0-9]{1,3}$'
+                                                 AND (q.value #>> '{}')::integer BETWEEN 1 AND 200) THEN 'invalid_limit'
+                   WHEN q.key = 'cursor' AND bps.cursor_position(kind, q.value #>> '{}') IS NULL THEN 'invalid_cursor'
+                   WHEN filters ? q.key AND NOT filters -> q.key ? (q.value #>> '{}') THEN 'invalid_' || q.key
+               END AS code,
+               CASE
+                   WHEN q.key NOT IN ('limit', 'cursor') AND NOT filters ? q.key
+                       THEN format('unknown parameter "%s"', q.key)
+                   WHEN jsonb_typeof(q.value) <> 'string' THEN format('%s is given more than once', q.key)
+                   WHEN q.key = 'limit' THEN 'limit must be a whole number from 1 to 200'
+                   WHEN q.key = 'cursor' THEN 'cursor must be the next_cursor of an earlier page of this list'
+                   ELSE format('%s must be one of %s', q.key,
+                               (SELECT string_agg(v, ', ') FROM jsonb_array_elements_text(filters -> q.key) AS v))
+               END AS detail
+          FROM jsonb_each(coalesce(query, '{}')) AS q
+      ) AS p
+     WHERE p.code IS NOT NULL
+$$;
+
+-- The 422 answer to a list request with bad parameters.
+CREATE OR REPLACE FUNCTION bps.invalid_parameters(errors jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT bps.problem(422, 'validation_failed',
+                       format('The query has %s problem(s).', jsonb_array_length(errors)),
+                       jsonb_build_object('errors', errors))
+$$;
+
+-- GET /bulk_transfers?limit=&cursor=&status=: the key's bulk transfers, newest first.
+CREATE OR REPLACE FUNCTION bps_api.list_bulk_transfers(api_key text, query jsonb, OUT status integer, OUT body jsonb,
+                                                       OUT bank_account_id bigint, OUT api_key_id bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- Index scans, planned once per connection: a plan cached while a table was small must not stay a scan.
+SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    access record;
+    errors jsonb;
+BEGIN
+    SELECT * INTO access FROM bps.key_access(api_key, 'transfers:read') AS a;
+    api_key_id := access.api_key_id;
+    IF access.status IS NOT NULL THEN
+        status := access.status;
+        body := access.body;
+        RETURN;
+    END IF;
+    errors := bps.page_problems(query, 'bulk_transfers', jsonb_build_object('status', jsonb_build_array(
+        'pending', 'processing', 'completed', 'partially_completed', 'failed', 'cancelled')));
+    IF errors IS NOT NULL THEN
+        status := 422;
+        body := bps.invalid_parameters(errors);
+        RETURN;
+    END IF;
+    status := 200;
+    body := bps.list_bulk_transfers(access.bank_account_ids, coalesce((query ->> 'limit')::integer, 50),
+                                    bps.cursor_position('bulk_transfers', query ->> 'cursor'), query ->> 'status');
+END
+$$;
+
+-- POST /bulk_transfers/{id}/cancel: cancels what is still pending, refunding it.
+CREATE OR REPLACE FUNCTION bps_api.cancel_bulk_transfer(api_key text, bulk_transfer_id text, OUT status integer,
+                                                        OUT body jsonb, OUT bank_account_id bigint,
+                                                        OUT api_key_id bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    access record;
+BEGIN
+    SELECT * INTO access FROM bps.key_access(api_key, 'transfers:write') AS a;
+    api_key_id := access.api_key_id;
+    IF access.status IS NOT NULL THEN
+        status := access.status;
+        body := access.body;
+        RETURN;
+    END IF;
+    SELECT c.status, c.body INTO status, body
+      FROM bps.cancel_bulk_transfer(bps.id_of(bulk_transfer_id), access.bank_account_ids) AS c;
+    bank_account_id := body ->> 'bank_account_id';
+    IF status = 404 THEN
+        body := bps.problem(404, 'bulk_transfer_not_found', format('There is no bulk transfer %s.', bulk_transfer_id));
+    END IF;
+END
+$$;
+
+-- GET /transfers/{id}.
+CREATE OR REPLACE FUNCTION bps_api.get_transfer(api_key text, transfer_id text, OUT status integer, OUT body jsonb,
+                                                OUT bank_account_id bigint, OUT api_key_id bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    access record;
+BEGIN
+    SELECT * INTO access FROM bps.key_access(api_key, 'transfers:read') AS a;
+    api_key_id := access.api_key_id;
+    IF access.status IS NOT NULL THEN
+        status := access.status;
+        body := access.body;
+        RETURN;
+    END IF;
+    SELECT g.status, g.body INTO status, body FROM bps.get_transfer(bps.id_of(transfer_id), access.bank_account_ids) AS g;
+    bank_account_id := body ->> 'bank_account_id';
+    IF status = 404 THEN
+        body := bps.problem(404, 'transfer_not_found', format('There is no transfer %s.', transfer_id));
+    END IF;
+END
+$$;
+
+-- GET /accounts: the key's accounts, each with its balance.
+CREATE OR REPLACE FUNCTION bps_api.list_accounts(api_key text, OUT status integer, OUT body jsonb,
+                                                 OUT bank_account_id bigint, OUT api_key_id bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    access record;
+BEGIN
+    SELECT * INTO access FROM bps.key_access(api_key, 'transfers:read') AS a;
+    api_key_id := access.api_key_id;
+    IF access.status IS NOT NULL THEN
+        status := access.status;
+        body := access.body;
+        RETURN;
+    END IF;
+    status := 200;
+    body := bps.list_accounts(access.bank_account_ids);
+END
+$$;
+
+-- GET /accounts/{id}/entries?limit=&cursor=: an account's journal, newest first.
+CREATE OR REPLACE FUNCTION bps_api.list_account_entries(api_key text, account text, query jsonb,
+                                                        OUT status integer, OUT body jsonb,
+                                                        OUT bank_account_id bigint, OUT api_key_id bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    access record;
+    errors jsonb;
+BEGIN
+    SELECT * INTO access FROM bps.key_access(api_key, 'transfers:read') AS a;
+    api_key_id := access.api_key_id;
+    IF access.status IS NOT NULL THEN
+        status := access.status;
+        body := access.body;
+        RETURN;
+    END IF;
+    errors := bps.page_problems(query, 'account_entries', '{}');
+    IF errors IS NOT NULL THEN
+        status := 422;
+        body := bps.invalid_parameters(errors);
+        RETURN;
+    END IF;
+    SELECT e.status, e.body INTO status, body
+      FROM bps.list_account_entries(bps.id_of(account), access.bank_account_ids,
+                                    coalesce((query ->> 'limit')::integer, 50),
+                                    bps.cursor_position('account_entries', query ->> 'cursor')) AS e;
+    IF status = 404 THEN
+        body := bps.problem(404, 'account_not_found', format('There is no bank account %s.', account));
+    ELSE
+        bank_account_id := bps.id_of(account);
+    END IF;
+END
+$$;

@@ -170,8 +170,9 @@ async def new_account(connection: asyncpg.Connection, balance_cents: int = 10_00
 
 async def new_bulk_transfer(connection: asyncpg.Connection, account_id: int) -> int:
     return await connection.fetchval(
-        """INSERT INTO bps.bulk_transfers (bank_account_id, payload_hash, transfer_count, total_cents, currency)
-           VALUES ($1, sha256('x'), 1, 100, 'EUR') RETURNING id""",
+        """INSERT INTO bps.bulk_transfers (bank_account_id, payload_hash, transfer_count, total_cents, currency,
+                                           pending_count)
+           VALUES ($1, sha256('x'), 1, 100, 'EUR', 1) RETURNING id""",
         account_id,
     )
 

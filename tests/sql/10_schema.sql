@@ -71,8 +71,8 @@ SELECT throws_ok(
     $$SELECT bps.credit_bank_account($$ || :account_id || $$, 0)$$,
     '23514', NULL, 'a credit of 0 is rejected');
 
-INSERT INTO bps.bulk_transfers (bank_account_id, payload_hash, transfer_count, total_cents, currency)
-VALUES (:account_id, sha256('schema test'), 1, 100, 'EUR')
+INSERT INTO bps.bulk_transfers (bank_account_id, payload_hash, transfer_count, total_cents, currency, pending_count)
+VALUES (:account_id, sha256('schema test'), 1, 100, 'EUR', 1)
 RETURNING id AS bulk_id \gset
 SELECT throws_ok(
     format($$INSERT INTO bps.transfers (id, bank_account_id, bulk_transfer_id, position, counterparty_name,
