@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## run: migrate, seed the demo account and serve on BPS_HOST:BPS_PORT (embedded PostgreSQL without DATABASE_URL)
+## run: migrate, seed the demo account and its key, serve on BPS_HOST:BPS_PORT with the simulated rail and an
+## executor beside it (embedded PostgreSQL without DATABASE_URL; BPS_EXECUTOR=off leaves the executor out)
 run: install
-	$(PY) -m service serve --migrate --seed-demo
+	$(PY) -m service run
 
 migrate: install
 	$(PY) -m service migrate

@@ -1,4 +1,4 @@
-"""The command line: `python -m service serve|migrate|seed-demo`."""
+"""The command line: `python -m service run|serve|execute|rail-simulator|migrate|seed-demo`."""
 
 from __future__ import annotations
 
@@ -7,16 +7,23 @@ import asyncio
 import dataclasses
 import logging
 import multiprocessing
+import os
 import signal
+import subprocess
 import sys
+import time
+import urllib.request
 
 from aiohttp import web
 
-from . import db, embedded, logs
+from . import db, embedded, logs, rail_simulator
 from .app import create_app
 from .config import Config
+from .executor import Executor
+from .rail import HttpRail
 
 log = logging.getLogger("bps")
+SIMULATED_RAIL_URL = "http://127.0.0.1:8100"
 
 
 def serve_one(config: Config) -> None:
@@ -57,14 +64,86 @@ def serve(config: Config) -> None:
         worker.join()
 
 
+async def execute(config: Config) -> None:
+    """One executor, until SIGTERM or SIGINT."""
+    if config.executor_lease_seconds <= config.rail_timeout_seconds:
+        raise SystemExit("BPS_EXECUTOR_LEASE_SECONDS must be longer than BPS_RAIL_TIMEOUT_SECONDS")
+    url = config.executor_database_url or await db.login_url(config.database_url, "executor")
+    pool = await db.connection_pool(url, config.executor_concurrency + 1, config.statement_timeout_ms, "bps-executor")
+    rail = HttpRail(config.rail_url or SIMULATED_RAIL_URL, config.rail_timeout_seconds)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await Executor(
+            pool,
+            rail,
+            batch=config.executor_batch,
+            concurrency=config.executor_concurrency,
+            lease_seconds=config.executor_lease_seconds,
+            idle_poll_max_seconds=config.executor_idle_poll_seconds,
+        ).run(stop)
+    finally:
+        await rail.close()
+        await pool.close()
+
+
+def start_child(command: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "service", command], env={**os.environ, **env})
+
+
+def wait_healthy(url: str, process: subprocess.Popen, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{url} exited with {process.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer within {within:.0f} s")
+
+
+def run(config: Config) -> None:
+    """The HTTP service with the simulated rail and an executor beside it, until Ctrl+C stops all three."""
+    children: list[subprocess.Popen] = []
+    env = {"DATABASE_URL": config.database_url, "BPS_SERVICE_DATABASE_URL": config.service_database_url}
+    try:
+        if config.rail_url is None:
+            rail = start_child("rail-simulator", env)
+            children.append(rail)
+            wait_healthy(SIMULATED_RAIL_URL, rail)
+        if config.executor:
+            children.append(start_child("execute", env))
+        else:
+            log.info("BPS_EXECUTOR is off: no executor runs; transfers stay pending")
+        serve(config)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service", description="BPS bulk payment service")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "run", help="migrate, seed the demo, and serve with the simulated rail and an executor (make run)"
+    )
     serve_parser = commands.add_parser("serve", help="serve HTTP on BPS_HOST:BPS_PORT")
     serve_parser.add_argument("--migrate", action="store_true", help="migrate the database first")
     serve_parser.add_argument(
         "--seed-demo", action="store_true", help="create the demo account first, and print a new API key for it"
     )
+    commands.add_parser("execute", help="run one executor: claim due transfers, send them to the rail, settle")
+    commands.add_parser("rail-simulator", help="serve the simulated payment rail on BPS_RAIL_HOST:BPS_RAIL_PORT")
     commands.add_parser("migrate", help="apply migrations and re-apply the sql/ functions")
     commands.add_parser(
         "seed-demo", help="create the seed's demo account (ACME Corp) unless it exists, and print a new API key for it"
@@ -73,15 +152,18 @@ def main(argv: list[str] | None = None) -> int:
 
     config = Config.from_env()
     logs.configure(config.log_format, config.log_level)
+    if args.command == "rail-simulator":
+        rail_simulator.serve(rail_simulator.Settings.from_env())
+        return 0
     server = None
     if config.database_url is None and config.service_database_url is None:
         server, url = embedded.start()
         config = dataclasses.replace(config, database_url=url)
         log.info("DATABASE_URL is not set: using the embedded PostgreSQL in %s", embedded.PGDATA)
-    migrating = args.command == "migrate" or getattr(args, "migrate", False)
-    seeding = args.command == "seed-demo" or getattr(args, "seed_demo", False)
-    if (migrating or seeding) and config.database_url is None:
-        parser.error("migrating and seeding need the owner's DATABASE_URL")
+    migrating = args.command in ("migrate", "run") or getattr(args, "migrate", False)
+    seeding = args.command in ("seed-demo", "run") or getattr(args, "seed_demo", False)
+    if (migrating or seeding or args.command == "execute") and config.database_url is None:
+        parser.error("migrating, seeding and executing need the owner's DATABASE_URL")
 
     if migrating:
         applied = asyncio.run(db.migrate(config.database_url))
@@ -94,11 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         # On stdout, once, for the person who ran the command; never through logging.
         print(f"\nThe demo account's API key (shown only now):\n\n    export BPS_API_KEY={key}\n", flush=True)
+    if args.command in ("serve", "run") and config.service_database_url is None:
+        config = dataclasses.replace(config, service_database_url=asyncio.run(db.login_url(config.database_url)))
     if args.command == "serve":
-        if config.service_database_url is None:
-            config = dataclasses.replace(config, service_database_url=asyncio.run(db.login_url(config.database_url)))
         log.info("serving on http://%s:%d with %d worker(s)", config.host, config.port, config.workers)
         serve(config)
+    elif args.command == "run":
+        log.info("serving on http://%s:%d with %d worker(s)", config.host, config.port, config.workers)
+        run(config)
+    elif args.command == "execute":
+        asyncio.run(execute(config))
     if server is not None:
         server.cleanup()
     return 0

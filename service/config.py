@@ -32,6 +32,16 @@ class Config:
     access_log: bool = True
     log_format: str = "text"
     log_level: str = "info"
+    # The executor (service/executor.py) and the rail it sends to.
+    executor_database_url: str | None = None  # the executor role's login; unset: made from database_url
+    executor: bool = True  # whether `run` starts one
+    rail_url: str | None = None  # unset: `run` starts the simulated rail and uses it
+    rail_timeout_seconds: float = 10.0
+    executor_batch: int = 1000
+    executor_concurrency: int = 2
+    # Longer than the rail's timeout: a batch in hand is answered (or released) before its lease ends.
+    executor_lease_seconds: float = 30.0
+    executor_idle_poll_seconds: float = 1.0  # the longest wait between claims when there is nothing to do
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -64,4 +74,12 @@ class Config:
             access_log=get("BPS_ACCESS_LOG", flag, d.access_log),
             log_format=get("BPS_LOG_FORMAT", log_format, d.log_format),
             log_level=get("BPS_LOG_LEVEL", str, d.log_level),
+            executor_database_url=get("BPS_EXECUTOR_DATABASE_URL", str, d.executor_database_url),
+            executor=get("BPS_EXECUTOR", flag, d.executor),
+            rail_url=get("BPS_RAIL_URL", str, d.rail_url),
+            rail_timeout_seconds=get("BPS_RAIL_TIMEOUT_SECONDS", float, d.rail_timeout_seconds),
+            executor_batch=get("BPS_EXECUTOR_BATCH", int, d.executor_batch),
+            executor_concurrency=get("BPS_EXECUTOR_CONCURRENCY", int, d.executor_concurrency),
+            executor_lease_seconds=get("BPS_EXECUTOR_LEASE_SECONDS", float, d.executor_lease_seconds),
+            executor_idle_poll_seconds=get("BPS_EXECUTOR_IDLE_POLL_SECONDS", float, d.executor_idle_poll_seconds),
         )

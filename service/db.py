@@ -34,24 +34,29 @@ async def keep_session(connection: asyncpg.Connection) -> None:
     one more round trip to PostgreSQL per request."""
 
 
-async def create_pool(config: Config) -> asyncpg.Pool:
-    """A pool that opens lazily, so the service starts (and answers 503) while the database is down."""
-    if config.service_database_url is None:
-        raise ValueError("the service logs in as its own role: set service_database_url (see db.login_url)")
+async def connection_pool(url: str, max_size: int, statement_timeout_ms: int, application_name: str) -> asyncpg.Pool:
+    """A pool that opens lazily, so its process starts (and the service answers 503) while the database is down."""
     return await asyncpg.create_pool(
-        config.service_database_url,
+        url,
         min_size=0,
-        max_size=config.pool_max_size,
+        max_size=max_size,
         reset=keep_session,
         server_settings={
-            "application_name": "bps",
+            "application_name": application_name,
             # JIT compilation costs more than it saves on these short statements.
             "jit": "off",
-            "statement_timeout": str(config.statement_timeout_ms),
-            # bps.bulk_transfer requires it, whatever the database's default.
+            "statement_timeout": str(statement_timeout_ms),
+            # bps.bulk_transfer and the claims require it, whatever the database's default.
             "default_transaction_isolation": "read committed",
         },
     )
+
+
+async def create_pool(config: Config) -> asyncpg.Pool:
+    """The service's pool, logged in as the service's role."""
+    if config.service_database_url is None:
+        raise ValueError("the service logs in as its own role: set service_database_url (see db.login_url)")
+    return await connection_pool(config.service_database_url, config.pool_max_size, config.statement_timeout_ms, "bps")
 
 
 async def warm_pool(pool: asyncpg.Pool, size: int) -> None:
