@@ -61,7 +61,12 @@ async def check_database(
                       (SELECT e.amount_cents FROM bps.account_entries AS e
                         WHERE e.bank_account_id = a.id AND e.kind = 'opening') AS opening_cents,
                       (SELECT coalesce(sum(b.total_cents), 0) FROM bps.bulk_transfers AS b
-                        WHERE b.bank_account_id = a.id) AS accepted_cents
+                        WHERE b.bank_account_id = a.id) AS accepted_cents,
+                      (SELECT coalesce(sum(e.amount_cents), 0) FROM bps.account_entries AS e
+                        WHERE e.bank_account_id = a.id AND e.kind = 'credit') AS credited_cents,
+                      -- What came back, from the transfers' own statuses (the journal's refunds must agree).
+                      (SELECT coalesce(sum(t.amount_cents), 0) FROM bps.transfers AS t
+                        WHERE t.bank_account_id = a.id AND t.status IN ('failed', 'cancelled')) AS refunded_cents
                  FROM bps.bank_accounts AS a JOIN bps.account_audit AS au ON au.bank_account_id = a.id"""
         )
         bulks = await connection.fetch(
@@ -108,12 +113,13 @@ async def check_database(
     bad = []
     for r in audit:
         opening = by_id[r["id"]].opening_cents if r["id"] in by_id else r["opening_cents"]
-        if not (opening == r["opening_cents"] == r["balance_cents"] + r["accepted_cents"]):
+        expected = opening + r["credited_cents"] - r["accepted_cents"] + r["refunded_cents"]
+        if opening != r["opening_cents"] or expected != r["balance_cents"]:
             bad.append(
-                f"account {r['id']}: opening {opening} (journal {r['opening_cents']}) != balance "
-                f"{r['balance_cents']} + accepted {r['accepted_cents']}"
+                f"account {r['id']}: opening {opening} (journal {r['opening_cents']}) + credits {r['credited_cents']}"
+                f" - accepted {r['accepted_cents']} + refunds {r['refunded_cents']} != balance {r['balance_cents']}"
             )
-    checks.add("opening balance = balance + accepted totals", len(audit), bad)
+    checks.add("balance = opening + credits - accepted totals + refunds", len(audit), bad)
 
     bad = []
     for b in bulks:

@@ -1,4 +1,5 @@
-"""The phases of `make reliability` (soak, crash, dbfault, hostile), their figures and the final verdict."""
+"""The phases of `make reliability` (soak, access, crash, dbfault, hostile and the execution phases), their
+figures and the final verdict."""
 
 from __future__ import annotations
 
@@ -27,12 +28,21 @@ from service import db
 from . import abuse, hostile
 from .checks import Check, Checks, check_answers, check_database
 from .cluster import Cluster, free_port
+from .execution import check_execution, wait_final
 from .services import Service
 from .workload import CRASH_MIX, Account, Clients, Generator, Mix, Stats
 
-PHASES = ("soak", "access", "crash", "dbfault", "hostile")
+PHASES = ("soak", "access", "crash", "dbfault", "hostile", "exec-crash", "rail-fault", "exec-dbfault")
 # What issue 4 asks at least; a smaller run is reported as such.
-ISSUE_MINIMUMS = {"clients": 64, "requests": 100_000, "kills": 20, "db_restarts": 3, "hostile": 10_000}
+ISSUE_MINIMUMS = {
+    "clients": 64,
+    "requests": 100_000,
+    "kills": 20,
+    "db_restarts": 3,
+    "hostile": 10_000,
+    "executor_kills": 20,
+    "rail_kills": 2,
+}
 
 
 def env(name: str, default):
@@ -76,6 +86,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--attackers", type=int, default=env("attackers", 16), help="clients with bad keys in the access phase"
     )
+    p.add_argument("--executors", type=int, default=env("executors", 3), help="executor processes (exec phases)")
+    p.add_argument("--executor-kills", type=int, default=env("executor_kills", 24), help="kill -9 of executors")
+    p.add_argument("--rail-kills", type=int, default=env("rail_kills", 3), help="kill -9 of the simulated rail")
+    p.add_argument(
+        "--exec-requests", type=int, default=env("exec_requests", 4_000), help="requests during each exec phase"
+    )
+    p.add_argument(
+        "--rail-latency-ms", type=float, default=env("rail_latency_ms", 150.0), help="the slow rail of exec-crash"
+    )
     p.add_argument("--idle", type=int, default=env("idle", 1_000), help="idle connections held open")
     p.add_argument("--slow", type=int, default=env("slow", 200), help="slowloris connections")
     p.add_argument("--slow-seconds", type=float, default=env("slow_seconds", 10.0))
@@ -99,6 +118,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             hostile=300,
             access_requests=2_000,
             attackers=4,
+            executor_kills=6,
+            rail_kills=1,
+            exec_requests=800,
             idle=100,
             slow=20,
             slow_seconds=3.0,
@@ -337,8 +359,10 @@ async def access(run: Run) -> None:
 
     async def revoke_some() -> None:
         # Once about a third of the load is sent, so the doomed keys are used before and after.
-        until = time.monotonic() + args.soak_seconds
-        while stats.http_requests < args.access_requests * rng.uniform(0.2, 0.4) and time.monotonic() < until:
+        threshold = args.access_requests * rng.uniform(0.2, 0.4)
+        for _ in range(int(args.soak_seconds / 0.05)):
+            if stats.http_requests >= threshold:
+                break
             await asyncio.sleep(0.05)
         connection = await asyncpg.connect(url)
         try:
@@ -748,7 +772,169 @@ async def hostile_phase(run: Run) -> None:
     )
 
 
-PHASE_FUNCTIONS = {"soak": soak, "access": access, "crash": crash, "dbfault": dbfault, "hostile": hostile_phase}
+# Execution phases: intake with cancels beside executors and the simulated rail, under one kind of fault;
+# then the faults stop, everything drains to a final status, and the rail's record is compared with BPS's.
+EXECUTION_SETTINGS = "UPDATE bps.settings SET execution_max_attempts = 100000, execution_retry_cap = '1 second'"
+EXECUTION_MIX = Mix(
+    valid=0.5, keyed=0.2, key_retry=0.03, key_race=0.02, dup=0.1, key_reuse=0.0, short=0.05, invalid=0.1
+)
+
+
+async def set_rail_faults(rail: Service, **faults: float) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{rail.base_url}/admin/faults", json=faults) as response:
+            response.raise_for_status()
+
+
+async def execution(run: Run, phase: str) -> None:
+    args = run.args
+    started = time.monotonic()
+    checks = Checks(phase)
+    url = await new_database(run, f"bps_{phase.replace('-', '_')}")
+    rng = random.Random(args.seed + sum(map(ord, phase)))
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(EXECUTION_SETTINGS)
+    finally:
+        await connection.close()
+    accounts = await make_accounts(url, rng, max(args.accounts // 10, 10), *demand(args, args.exec_requests))
+    record = run.logs / f"{phase}-rail.sqlite3"
+    rail = Service(
+        url,
+        free_port(),
+        1,
+        run.logs / f"{phase}-rail.log",
+        command="rail-simulator",
+        BPS_RAIL_RECORD=str(record),
+        BPS_RAIL_LATENCY_MS=str(args.rail_latency_ms if phase == "exec-crash" else 5),
+        BPS_RAIL_FAILURE_RATE="0.05",
+        BPS_RAIL_HANG_SECONDS="3",
+    )
+    run.services.append(rail)
+    services = run.new_services(url, 2, 1, phase)
+    executors = [
+        Service(
+            url,
+            0,
+            1,
+            run.logs / f"{phase}-executor-{i}.log",
+            command="execute",
+            BPS_RAIL_URL=rail.base_url,
+            BPS_RAIL_TIMEOUT_SECONDS="1",
+            BPS_EXECUTOR_LEASE_SECONDS="3",
+            BPS_EXECUTOR_BATCH="100",
+            BPS_EXECUTOR_IDLE_POLL_SECONDS="0.2",
+        )
+        for i in range(args.executors)
+    ]
+    run.services += executors
+    await start_services([rail])
+    await start_services(services)
+    for executor in executors:
+        executor.start()
+    generator = Generator(rng, phase[:2].upper(), accounts, EXECUTION_MIX, args.hot_share)
+    stats = Stats()
+    clients = Clients(
+        generator, [s.base_url for s in services], stats, retry=True, attempt_timeout=20, give_up_after=90,
+        cancel_share=0.15,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    injected: list[str] = []
+
+    async def restart_later(process: Service, delay: float) -> None:
+        await asyncio.sleep(delay)
+        process.start()
+
+    async def faults() -> None:
+        restarts = []
+        try:
+            await asyncio.sleep(1.5)  # let transfers pile up
+            if phase == "exec-crash":
+                for _ in range(args.executor_kills):
+                    await asyncio.sleep(rng.uniform(0.2, 0.8))
+                    victim = rng.choice([e for e in executors if e.alive()] or executors)
+                    if victim.alive():
+                        await asyncio.to_thread(victim.kill9)
+                        injected.append("executor kill -9")
+                    restarts.append(asyncio.create_task(restart_later(victim, rng.uniform(0.0, 0.5))))
+            elif phase == "rail-fault":
+                await set_rail_faults(rail, error_rate=0.2, timeout_rate=0.1)
+                injected.append("rail 20% 503, 10% executed without an answer")
+                for _ in range(args.rail_kills):
+                    await asyncio.sleep(rng.uniform(1.5, 3.0))
+                    await asyncio.to_thread(rail.kill9)
+                    injected.append("rail kill -9")
+                    await asyncio.sleep(rng.uniform(0.5, 1.5))
+                    await start_services([rail])
+                    await set_rail_faults(rail, error_rate=0.2, timeout_rate=0.1)
+                await asyncio.sleep(2.0)
+                await set_rail_faults(rail, error_rate=0.0, timeout_rate=0.0)
+            else:
+                for _ in range(args.db_restarts):
+                    await asyncio.sleep(rng.uniform(1.5, 3.0))
+                    await asyncio.to_thread(run.cluster.stop, "immediate")
+                    injected.append("pg_ctl stop -m immediate")
+                    await asyncio.sleep(args.db_down_seconds)
+                    await asyncio.to_thread(run.cluster.start)
+            await asyncio.gather(*restarts)
+        finally:
+            stop.set()
+
+    fault_task = asyncio.create_task(faults())
+    await clients.run(args.clients, 10**9, 300, stop=stop, min_requests=args.exec_requests)
+    await fault_task
+    for executor in executors:
+        if not executor.alive():
+            executor.start()
+    still_open, drained = await wait_final(url, within=180)
+    for process in [*executors, *services, rail]:
+        process.stop()
+    check_answers(checks, clients.sent, stats, everyone_answered=False)
+    await check_database(checks, url, accounts, generator.requests, clients.sent, everyone_answered=False)
+    checks.add(
+        "every cancel answered 200 or 409",
+        sum(clients.cancels.values()),
+        [f"{n} x HTTP {status}" for status, n in clients.cancels.items() if status not in (200, 409)],
+    )
+    facts = await check_execution(checks, url, record)
+    run.checks += checks.items
+    kinds = Counter(injected)
+    run.figures.append(
+        figures(
+            phase,
+            stats,
+            clients,
+            ", ".join(f"{n} {kind}" for kind, n in kinds.items()),
+            time.monotonic() - started,
+            note=f"{args.executors} executors; cancels {dict(clients.cancels)}; final after the faults in "
+            f"{drained:.1f}s ({still_open} not final); transfers {facts['transfers by status']}; "
+            f"runs {facts['runs']}; rail payments {facts['rail payments']}",
+        )
+    )
+
+
+async def exec_crash(run: Run) -> None:
+    await execution(run, "exec-crash")
+
+
+async def rail_fault(run: Run) -> None:
+    await execution(run, "rail-fault")
+
+
+async def exec_dbfault(run: Run) -> None:
+    await execution(run, "exec-dbfault")
+
+
+PHASE_FUNCTIONS = {
+    "soak": soak,
+    "access": access,
+    "crash": crash,
+    "dbfault": dbfault,
+    "hostile": hostile_phase,
+    "exec-crash": exec_crash,
+    "rail-fault": rail_fault,
+    "exec-dbfault": exec_dbfault,
+}
 
 
 def print_report(run: Run, seconds: float) -> tuple[int, int]:

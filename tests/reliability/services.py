@@ -1,4 +1,5 @@
-"""BPS service processes (`python -m service serve`) the harness starts, kills with SIGKILL and restarts."""
+"""BPS processes the harness starts, kills with SIGKILL and restarts: the HTTP service (`python -m service
+serve`), executors (`... execute`) and the simulated rail (`... rail-simulator`)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Service:
-    """One `serve` command on its own port (itself BPS_WORKERS processes sharing that port)."""
+    """One `serve` command on its own port (itself BPS_WORKERS processes sharing that port), or with `command`
+    another of the CLI's: an executor (no port) or the simulated rail (BPS_RAIL_PORT = port)."""
 
-    def __init__(self, database_url: str, port: int, workers: int, log_path: Path, **env: str) -> None:
+    def __init__(
+        self, database_url: str, port: int, workers: int, log_path: Path, command: str = "serve", **env: str
+    ) -> None:
         self.database_url = database_url
         self.port = port
         self.workers = workers
         self.log_path = log_path
+        self.command = command
         self.extra_env = env
         self.process: subprocess.Popen | None = None
         self.starts = 0
@@ -40,11 +45,12 @@ class Service:
             "BPS_PORT": str(self.port),
             "BPS_WORKERS": str(self.workers),
             "BPS_SHUTDOWN_TIMEOUT": "2",
+            "BPS_RAIL_PORT": str(self.port),
             **self.extra_env,
         }
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve"],
+                [sys.executable, "-m", "service", self.command],
                 cwd=ROOT,
                 env=env,
                 stdin=subprocess.DEVNULL,

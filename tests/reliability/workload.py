@@ -106,6 +106,7 @@ COUNTERPARTIES = [
     ("Wile E Coyote", "DE89370400440532013000", "COBADEFFXXX"),
     ("Zoë Ünïcødé-Łódź 株式会社", "FR1420041010050500013M02606", "BNPAFRPP"),
     ("O'Brien & Sons, Ltd.", "GB29NWBK60161331926819", "NWBKGB2L"),
+    ("Placeholder Ltd", "f", "e"),  # accepted (basic checks), then refused by the rail (AC01) and refunded
 ]
 
 
@@ -363,6 +364,7 @@ class Clients:
         retry: bool,
         attempt_timeout: float = 30.0,
         give_up_after: float = 90.0,
+        cancel_share: float = 0.0,
     ) -> None:
         self.generator = generator
         self.base_urls = base_urls
@@ -370,6 +372,9 @@ class Clients:
         self.retry = retry
         self.attempt_timeout = attempt_timeout
         self.give_up_after = give_up_after
+        # The share of accepted bulk transfers their client then tries to cancel (POST .../cancel).
+        self.cancel_share = cancel_share
+        self.cancels: Counter = Counter()  # status of each cancel's final answer
         self.sent: list[Request] = []  # every logical send, in order of issue
         self.rng = random.Random(generator.rng.random())
 
@@ -421,12 +426,35 @@ class Clients:
             retryable = status == 0 or status == 503 or (status == 409 and code == "request_in_progress")
             if not retryable:
                 request.final_status, request.final_code = status, code
+                if status == 201 and bulk_id is not None and self.rng.random() < self.cancel_share:
+                    await self.cancel(session, request, bulk_id)
                 return
             out_of_time = time.monotonic() - started > self.give_up_after
             if not self.retry or attempt >= request.attempts_allowed or out_of_time or attempt >= 500:
                 request.gave_up = True
                 return
             await asyncio.sleep(min(0.02 * attempt, 0.25) + self.rng.random() * 0.05)
+
+    async def cancel(self, session: aiohttp.ClientSession, request: Request, bulk_id: int) -> None:
+        """Cancels what is still pending of a bulk transfer its client was just told was accepted: 200 when
+        something was, 409 when the executors were faster; retried like a request while the service is away."""
+        url = f"{self.rng.choice(self.base_urls)}/bulk_transfers/{bulk_id}/cancel"
+        headers = {"Authorization": f"Bearer {request.api_key}"}
+        for attempt in range(50):
+            self.stats.http_requests += 1
+            try:
+                async with session.post(
+                    url, headers=headers, timeout=aiohttp.ClientTimeout(total=self.attempt_timeout)
+                ) as response:
+                    await response.read()
+                    status = response.status
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                status = 0
+            self.stats.statuses[status] += 1
+            if status not in (0, 503):
+                break
+            await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
+        self.cancels[status] += 1
 
     async def attempt(self, session: aiohttp.ClientSession, request: Request):
         headers = {"Content-Type": request.content_type}
