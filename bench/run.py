@@ -34,6 +34,8 @@ Environment (all optional):
                            autovacuum's stead; it is off on some servers, and plans cached while the tables
                            were empty then never change
   BPS_BENCH_OUT            results directory (default bench/results)
+  BPS_BENCH_EXECUTION      0: skip the executor's cases (bench/execution.py)
+  BPS_BENCH_EXECUTORS      executor processes in those cases (default 2)
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from pathlib import Path
 from service import db
 from service.config import Config
 
-from . import database, load, report, system
+from . import database, execution, load, report, system
 from .server import ROOT, Profiler, Server, py_spy
 
 HOST = "127.0.0.1"
@@ -89,6 +91,8 @@ class Settings:
     explain: bool
     analyze: bool
     out: Path
+    execution: bool
+    executors: int
 
     @classmethod
     def from_env(cls, env=os.environ) -> Settings:
@@ -110,6 +114,8 @@ class Settings:
             explain=(env.get("BPS_BENCH_EXPLAIN") or "1") not in ("0", ""),
             analyze=(env.get("BPS_BENCH_ANALYZE") or "1") not in ("0", ""),
             out=Path(env.get("BPS_BENCH_OUT") or ROOT / "bench" / "results"),
+            execution=(env.get("BPS_BENCH_EXECUTION") or "1") not in ("0", ""),
+            executors=int(env.get("BPS_BENCH_EXECUTORS") or 2),
         )
 
 
@@ -307,6 +313,23 @@ async def bench(settings: Settings) -> dict:
             for status, sample in result.get("samples", {}).items():
                 print(f"      {status}: {sample[:300]}", flush=True)
         document["cases"] = results
+        if settings.execution:
+            print("executor cases (a database of their own)...", flush=True)
+
+            async def case(i, case, accounts, url, server, sampler):
+                result = await run_case(i, case, settings, accounts, url, clients, server, sampler, None)
+                print(progress(i, len(cases) + 2, result), flush=True)
+                return result
+
+            async def sampler_for(url):
+                made = database.WaitSampler(url)
+                await made.open()
+                return made
+
+            document["execution"] = await execution.execution_cases(
+                settings, case, clients, sampler_for, _free_port(), _free_port(), len(cases) + 1
+            )
+            print(execution.text(document["execution"]), flush=True)
         if settings.explain:
             print("function breakdown (plain calls, then auto_explain), per batch size...", flush=True)
             if settings.analyze:
@@ -354,6 +377,7 @@ def write(out: Path, stamp: str, document: dict) -> None:
             "## Where the time went (average cores; PostgreSQL's active backends by wait)\n\n"
             + report.resources_table(results),
         ]
+        + (["## The executor\n\n" + execution.text(document["execution"])] if "execution" in document else [])
     )
     base = out / f"run-{stamp}"
     report.write_json(base.with_suffix(".json"), document)
