@@ -79,8 +79,11 @@ CREATE TABLE bps.execution_runs (
     last_error       text,
     -- Set after execution_max_attempts failures: no executor takes the run again until a DBA retries it.
     parked_at        timestamptz,
+    -- How many of its transfers are still processing; the run is settled when none is.
+    open_count       integer NOT NULL CHECK (open_count >= 0),
     created_at       timestamptz NOT NULL DEFAULT now(),
-    settled_at       timestamptz
+    settled_at       timestamptz,
+    CHECK ((open_count = 0) = (settled_at IS NOT NULL))
 );
 -- Runs an executor may have to take over: not settled, not parked, ordered by the end of their lease.
 CREATE INDEX execution_runs_open_idx ON bps.execution_runs (lease_expires_at) WHERE settled_at IS NULL AND parked_at IS NULL;

@@ -91,9 +91,9 @@ BEGIN
     RETURN QUERY
     WITH runs AS (
         INSERT INTO bps.execution_runs (bank_account_id, bulk_transfer_id, first_position, last_position, executor,
-                                        lease_expires_at)
+                                        lease_expires_at, open_count)
         SELECT c.bank_account_id, c.bulk_transfer_id, c.first_position, c.last_position, claim_transfers.executor,
-               now() + lease
+               now() + lease, c.last_position - c.first_position + 1
           FROM unnest(accounts, bulks, firsts, lasts) AS c(bank_account_id, bulk_transfer_id, first_position,
                                                           last_position)
         RETURNING *
@@ -175,9 +175,12 @@ SET enable_seqscan = off
 AS $$
 DECLARE
     live             bigint[];
+    live_from        bigint[];
+    live_to          bigint[];
     settled          bigint[];
     settled_bulks    bigint[];
     settled_statuses text[];
+    settled_runs     bigint[];
 BEGIN
     IF cardinality(run_ids) IS DISTINCT FROM cardinality(attempts)
        OR cardinality(transfer_ids) IS DISTINCT FROM cardinality(outcomes)
@@ -192,27 +195,33 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- The runs still leased under the given attempt (the fence), locked against a concurrent takeover.
-    live := ARRAY(
-        SELECT r.id FROM bps.execution_runs AS r
-          JOIN unnest(run_ids, attempts) AS g(run_id, attempt) ON g.run_id = r.id AND g.attempt = r.attempt
-         WHERE r.settled_at IS NULL
-         ORDER BY r.id
-           FOR NO KEY UPDATE OF r);
+    SELECT array_agg(r.id ORDER BY r.id), array_agg(bps.transfer_id(r.bulk_transfer_id, r.first_position) ORDER BY r.id),
+           array_agg(bps.transfer_id(r.bulk_transfer_id, r.last_position) ORDER BY r.id)
+      INTO live, live_from, live_to
+      FROM (SELECT r.* FROM bps.execution_runs AS r
+              JOIN unnest(run_ids, attempts) AS g(run_id, attempt) ON g.run_id = r.id AND g.attempt = r.attempt
+             WHERE r.settled_at IS NULL
+             ORDER BY r.id
+               FOR NO KEY UPDATE OF r) AS r;
+    IF live IS NULL THEN
+        RETURN 0;
+    END IF;
 
-    WITH answered AS (
+    -- The outcomes for transfers of those runs (a few ranges), then each such transfer still processing.
+    WITH fenced AS (
+        SELECT o.transfer_id, o.outcome, o.reason, l.run_id
+          FROM unnest(transfer_ids, outcomes, reasons) AS o(transfer_id, outcome, reason)
+          JOIN unnest(live, live_from, live_to) AS l(run_id, first_id, last_id)
+            ON o.transfer_id BETWEEN l.first_id AND l.last_id
+    ), answered AS (
         UPDATE bps.transfers AS t
-           SET status = o.outcome, failure_reason = o.reason, status_changed_at = now()
-          FROM unnest(transfer_ids, outcomes, reasons) AS o(transfer_id, outcome, reason),
-               bps.execution_runs AS r
-         WHERE t.id = o.transfer_id
-           AND r.id = ANY (live)
-           AND t.id BETWEEN bps.transfer_id(r.bulk_transfer_id, r.first_position)
-                        AND bps.transfer_id(r.bulk_transfer_id, r.last_position)
-           AND t.status = 'processing'
-        RETURNING t.id, t.bulk_transfer_id, t.status
+           SET status = f.outcome, failure_reason = f.reason, status_changed_at = now()
+          FROM fenced AS f
+         WHERE t.id = f.transfer_id AND t.status = 'processing'
+        RETURNING t.id, t.bulk_transfer_id, t.status, f.run_id
     )
-    SELECT array_agg(a.id), array_agg(a.bulk_transfer_id), array_agg(a.status)
-      INTO settled, settled_bulks, settled_statuses
+    SELECT array_agg(a.id), array_agg(a.bulk_transfer_id), array_agg(a.status), array_agg(a.run_id)
+      INTO settled, settled_bulks, settled_statuses, settled_runs
       FROM answered AS a;
     IF settled IS NULL THEN
         RETURN 0;
@@ -234,13 +243,12 @@ BEGIN
     PERFORM bps.refund_transfers(ARRAY(SELECT s.id FROM unnest(settled, settled_statuses) AS s(id, status)
                                         WHERE s.status = 'failed'));
 
+    -- A run is settled when none of its transfers is processing any more.
     UPDATE bps.execution_runs AS r
-       SET settled_at = now()
-     WHERE r.id = ANY (live)
-       AND NOT EXISTS (SELECT FROM bps.transfers AS t
-                        WHERE t.id BETWEEN bps.transfer_id(r.bulk_transfer_id, r.first_position)
-                                       AND bps.transfer_id(r.bulk_transfer_id, r.last_position)
-                          AND t.status = 'processing');
+       SET open_count = r.open_count - c.n,
+           settled_at = CASE WHEN r.open_count = c.n THEN now() END
+      FROM (SELECT s.run_id, count(*) AS n FROM unnest(settled_runs) AS s(run_id) GROUP BY s.run_id) AS c
+     WHERE r.id = c.run_id;
     RETURN cardinality(settled);
 END
 $$;
