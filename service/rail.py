@@ -7,15 +7,15 @@ submitted again is answered with its first outcome, never executed twice) and lo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import aiohttp
+import orjson
 
 
-@dataclass(frozen=True)
-class Payment:
-    """One credit transfer to execute; its id (the transfer's) is the rail's idempotency key."""
+class Payment(NamedTuple):
+    """One credit transfer to execute; its id (the transfer's) is the rail's idempotency key. (A named tuple:
+    executors make a thousand of them per batch, and a frozen dataclass cost five times as much.)"""
 
     id: int
     amount_cents: int
@@ -27,8 +27,7 @@ class Payment:
     end_to_end_id: str | None = None
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What the rail did with a payment: executed, or failed with an ISO 20022 status reason code."""
 
     status: str  # 'executed' | 'failed'
@@ -48,6 +47,20 @@ class Rail(Protocol):
         """The outcomes of the payments with these ids that the rail has seen; the others are absent."""
 
     async def close(self) -> None: ...
+
+
+def document_of(payment: Payment) -> dict:
+    """A payment as the rail's JSON takes it (dataclasses.asdict cost ten times as much: it deep-copies)."""
+    return {
+        "id": str(payment.id),
+        "amount_cents": payment.amount_cents,
+        "currency": payment.currency,
+        "creditor_name": payment.creditor_name,
+        "creditor_iban": payment.creditor_iban,
+        "creditor_bic": payment.creditor_bic,
+        "remittance": payment.remittance,
+        "end_to_end_id": payment.end_to_end_id,
+    }
 
 
 def outcomes_of(answer: dict) -> dict[int, Outcome]:
@@ -78,16 +91,17 @@ class HttpRail:
         if self.session is None:
             self.session = aiohttp.ClientSession(timeout=self.timeout)
         try:
-            async with self.session.post(self.base_url + path, json=document) as response:
+            async with self.session.post(
+                self.base_url + path, data=orjson.dumps(document), headers={"Content-Type": "application/json"}
+            ) as response:
                 if response.status != 200:
                     raise RailError(f"the rail answered HTTP {response.status}")
-                return await response.json()
+                return orjson.loads(await response.read())
         except (TimeoutError, aiohttp.ClientError, ValueError) as error:
             raise RailError(f"the rail did not answer ({type(error).__name__})") from None
 
     async def submit(self, payments: list[Payment]) -> dict[int, Outcome]:
-        answer = await self._post("/payments", {"payments": [asdict(p) | {"id": str(p.id)} for p in payments]})
-        return outcomes_of(answer)
+        return outcomes_of(await self._post("/payments", {"payments": [document_of(p) for p in payments]}))
 
     async def lookup(self, ids: list[int]) -> dict[int, Outcome]:
         return outcomes_of(await self._post("/payments/lookup", {"ids": [str(i) for i in ids]}))

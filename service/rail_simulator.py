@@ -16,6 +16,7 @@ BPS_RAIL_HANG_SECONDS (BPS_RAIL_TIMEOUT_RATE): the client's timeout fires with t
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 from aiohttp import web
 
 from .db import ROOT
@@ -48,13 +50,17 @@ IBAN_LENGTHS = {
 }  # fmt: skip
 
 
+LETTERS_AS_DIGITS = str.maketrans({chr(c): str(c - 55) for c in range(ord("A"), ord("Z") + 1)})
+
+
+@functools.lru_cache(maxsize=65536)
 def iban_is_valid(iban: str) -> bool:
     """ISO 13616: two letters of country, two check digits, and the country's length; mod 97 of the
-    rearranged number is 1."""
+    rearranged number (letters as 10 to 35) is 1. Cached: a payroll pays the same people every month."""
     iban = iban.replace(" ", "").upper()
     if not IBAN_SHAPE.fullmatch(iban) or IBAN_LENGTHS.get(iban[:2]) != len(iban):
         return False
-    return int("".join(str(int(c, 36)) for c in iban[4:] + iban[:4])) % 97 == 1
+    return int((iban[4:] + iban[:4]).translate(LETTERS_AS_DIGITS)) % 97 == 1
 
 
 def share(payment_id: str) -> float:
@@ -190,7 +196,8 @@ PAYMENT_FIELDS = {"id", "amount_cents", "currency", "creditor_name", "creditor_i
 
 
 def answer(outcomes) -> web.Response:
-    return web.json_response({"results": [{"id": i, "status": s, "reason": r} for i, s, r in outcomes]})
+    results = [{"id": i, "status": s, "reason": r} for i, s, r in outcomes]
+    return web.Response(body=orjson.dumps({"results": results}), content_type="application/json")
 
 
 async def misbehave(request: web.Request) -> web.Response | None:
@@ -208,7 +215,7 @@ async def submit(request: web.Request) -> web.Response:
     if refused is not None:
         return refused
     try:
-        document = await request.json()
+        document = orjson.loads(await request.read())
         payments = document["payments"]
         if not isinstance(payments, list) or not all(
             isinstance(p, dict) and PAYMENT_FIELDS <= set(p) and isinstance(p["id"], str) for p in payments
@@ -242,7 +249,7 @@ async def lookup(request: web.Request) -> web.Response:
     if refused is not None:
         return refused
     try:
-        ids = (await request.json())["ids"]
+        ids = orjson.loads(await request.read())["ids"]
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ValueError("ids")
     except (ValueError, KeyError, TypeError):
@@ -277,9 +284,13 @@ def create_app(settings: Settings) -> web.Application:
 
 
 def serve(settings: Settings) -> None:
+    import gc
+
     import uvloop
 
     uvloop.install()
+    # Batches of a thousand payments make many short-lived objects and few cycles: collect less often.
+    gc.set_threshold(50_000, 20, 20)
     log.info("simulated rail on http://%s:%d, record %s", settings.host, settings.port, settings.record)
     web.run_app(
         create_app(settings),
