@@ -35,7 +35,9 @@ def _transfer(position: int) -> dict:
         "amount": AMOUNTS[position % len(AMOUNTS)],
         "currency": "EUR",
         "counterparty_name": f"Supplier {position % 997:05d}",
-        "counterparty_iban": "EE383680981021245685",
+        # A real IBAN, so that the rail executes the transfer; every twentieth is the seed's placeholder, which
+        # the rail refuses (AC01) and BPS refunds.
+        "counterparty_iban": "f" if position % 20 == 19 else "EE382200221020145685",
         "counterparty_bic": "CRLYFRPPTOU",
         "description": f"Invoice {position:05d} " + (COUNTER_PLACEHOLDER if position == 0 else "of the month"),
         "client_reference": f"bench-{position:07d}",

@@ -203,7 +203,7 @@ async def run_case(
             warmup=settings.warmup,
             drain_timeout=DRAIN_TIMEOUT,
             host=HOST,
-            port=settings.port,
+            port=server.port,
             database_url=url,
             counter_base=(index + 1) * CASE_STRIDE,
             accounts=account_list,
