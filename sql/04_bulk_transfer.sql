@@ -48,14 +48,79 @@ $$;
 
 -- Its return type changed: an earlier definition must go first (CREATE OR REPLACE cannot change it).
 DROP FUNCTION IF EXISTS bps.bulk_transfer(jsonb, text, bigint[], bigint);
+DROP FUNCTION IF EXISTS bps.bulk_transfer(jsonb, text, bigint[], bigint, bytea);
+
+-- Claims an Idempotency-Key for a request on an account: NULL when it is this request's now, else the record
+-- of the request that holds it (waiting for that one to commit first, so its outcome is there).
+CREATE OR REPLACE FUNCTION bps.claim_idempotency_key(bank_account_id bigint, idempotency_key text,
+                                                     payload_hash bytea, retention interval)
+RETURNS bps.idempotency_keys
+LANGUAGE plpgsql AS $$
+DECLARE
+    stored bps.idempotency_keys;
+BEGIN
+    INSERT INTO bps.idempotency_keys AS k (bank_account_id, idempotency_key, payload_hash)
+    VALUES (claim_idempotency_key.bank_account_id, claim_idempotency_key.idempotency_key,
+            claim_idempotency_key.payload_hash)
+    ON CONFLICT ON CONSTRAINT idempotency_keys_pkey DO UPDATE
+       SET payload_hash = excluded.payload_hash, status = NULL, body = NULL, bulk_transfer_id = NULL,
+           created_at = now()
+     WHERE k.created_at < now() - retention
+    RETURNING k.* INTO stored;
+    IF FOUND THEN
+        RETURN NULL;
+    END IF;
+    -- A statement of its own: it sees what the key's holder committed while the insert waited for it.
+    SELECT * INTO STRICT stored
+      FROM bps.idempotency_keys AS k
+     WHERE k.bank_account_id = claim_idempotency_key.bank_account_id
+       AND k.idempotency_key = claim_idempotency_key.idempotency_key;
+    RETURN stored;
+END
+$$;
+
+-- The answer to a request whose Idempotency-Key another request holds: that request's stored answer again
+-- (marked Idempotent-Replayed) for the same payload, 422 idempotency_key_reused for another.
+CREATE OR REPLACE FUNCTION bps.idempotent_replay(stored bps.idempotency_keys, payload_hash bytea,
+                                                 OUT status integer, OUT body jsonb)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF stored.payload_hash <> payload_hash THEN
+        status := 422;
+        body := bps.problem(422, 'idempotency_key_reused',
+            'This Idempotency-Key was used for a different payload; use a new key for a new request.');
+        RETURN;
+    END IF;
+    status := stored.status;
+    body := stored.body;
+    PERFORM set_config('response.headers', (jsonb_build_object('Idempotent-Replayed', 'true')
+        || CASE WHEN stored.bulk_transfer_id IS NOT NULL
+                THEN jsonb_build_object('Location', '/bulk_transfers/' || stored.bulk_transfer_id)
+                ELSE '{}' END)::text, true);
+END
+$$;
+
+-- Stores the answer a request with an Idempotency-Key was given, for its retries.
+CREATE OR REPLACE FUNCTION bps.remember_answer(bank_account_id bigint, idempotency_key text, status integer,
+                                               body jsonb, bulk_transfer_id bigint) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE bps.idempotency_keys AS k
+       SET status = remember_answer.status, body = remember_answer.body,
+           bulk_transfer_id = remember_answer.bulk_transfer_id
+     WHERE k.bank_account_id = remember_answer.bank_account_id AND k.idempotency_key = remember_answer.idempotency_key
+$$;
 
 -- Validates, deduplicates and records one bulk transfer, debiting its account once; all or nothing.
 -- bank_account_ids are the accounts the caller may debit, and api_key_id the key it called with (NULL and
 -- NULL: any account, the owner's call). An account outside them is not found, exactly as an account that
 -- does not exist. account_id: the account the request named, when it was found (for the access log).
+-- A pain.001 file (sql/09_iso20022.sql) is one call per PmtInf: it passes payload_hash, what makes two
+-- requests the same (else the hash of the canonical JSON), and deduplicate => false when it settles
+-- idempotency and duplicates itself.
 CREATE OR REPLACE FUNCTION bps.bulk_transfer(payload jsonb, idempotency_key text, bank_account_ids bigint[],
-                                             api_key_id bigint, OUT status integer, OUT body jsonb,
-                                             OUT account_id bigint)
+                                             api_key_id bigint, payload_hash bytea DEFAULT NULL,
+                                             deduplicate boolean DEFAULT true,
+                                             OUT status integer, OUT body jsonb, OUT account_id bigint)
 LANGUAGE plpgsql
 -- Plan each statement once per connection, not on every call, and with index scans: a plan cached
 -- while a table was small must not stay a sequential scan.
@@ -73,8 +138,7 @@ DECLARE
     total_cents     bigint;
     all_valid       boolean;
     errors          jsonb;
-    payload_hash    bytea;
-    claimed         boolean;
+    request_hash    bytea;
     stored          bps.idempotency_keys;
     duplicate_id    bigint;
     bulk_id         bigint;
@@ -152,42 +216,23 @@ BEGIN
 
     -- 3. and 4. Duplicates and idempotency. Requests with the same payload for the same account queue on
     -- this transaction-scoped lock (it dies with the transaction), so the duplicate check cannot race.
-    payload_hash := sha256(convert_to(payload::text, 'UTF8'));
+    request_hash := coalesce(payload_hash, sha256(convert_to(payload::text, 'UTF8')));
     IF idempotency_key IS NOT NULL THEN
-        -- Claim the key. A concurrent request holding it makes this insert wait for its commit, then replay.
-        INSERT INTO bps.idempotency_keys AS k (bank_account_id, idempotency_key, payload_hash)
-        VALUES (account.id, bulk_transfer.idempotency_key, bulk_transfer.payload_hash)
-        ON CONFLICT ON CONSTRAINT idempotency_keys_pkey DO UPDATE
-           SET payload_hash = excluded.payload_hash, status = NULL, body = NULL, bulk_transfer_id = NULL,
-               created_at = now()
-         WHERE k.created_at < now() - settings.idempotency_retention
-        RETURNING true INTO claimed;
-        IF claimed IS NULL THEN
-            SELECT * INTO STRICT stored
-              FROM bps.idempotency_keys AS k
-             WHERE k.bank_account_id = account.id AND k.idempotency_key = bulk_transfer.idempotency_key;
-            IF stored.payload_hash <> bulk_transfer.payload_hash THEN
-                status := 422;
-                body := bps.problem(422, 'idempotency_key_reused',
-                    'This Idempotency-Key was used for a different payload; use a new key for a new request.');
-            ELSE
-                status := stored.status;
-                body := stored.body;
-                PERFORM set_config('response.headers', (jsonb_build_object('Idempotent-Replayed', 'true')
-                    || CASE WHEN stored.bulk_transfer_id IS NOT NULL
-                            THEN jsonb_build_object('Location', '/bulk_transfers/' || stored.bulk_transfer_id)
-                            ELSE '{}' END)::text, true);
-            END IF;
+        -- Claim the key. A concurrent request holding it makes this wait for its commit, then replay.
+        stored := bps.claim_idempotency_key(account.id, idempotency_key, request_hash,
+                                            settings.idempotency_retention);
+        IF stored.bank_account_id IS NOT NULL THEN
+            SELECT r.status, r.body INTO status, body FROM bps.idempotent_replay(stored, request_hash) AS r;
             RETURN;
         END IF;
     END IF;
-    PERFORM pg_advisory_xact_lock(('x' || encode(substr(payload_hash, 1, 8), 'hex'))::bit(64)::bigint
+    PERFORM pg_advisory_xact_lock(('x' || encode(substr(request_hash, 1, 8), 'hex'))::bit(64)::bigint
                                   # account.id);
-    IF idempotency_key IS NULL THEN
+    IF idempotency_key IS NULL AND deduplicate THEN
         SELECT b.id INTO duplicate_id
           FROM bps.bulk_transfers AS b
          WHERE b.bank_account_id = account.id
-           AND b.payload_hash = bulk_transfer.payload_hash
+           AND b.payload_hash = request_hash
            AND b.created_at > now() - settings.dedup_window
          ORDER BY b.created_at DESC
          LIMIT 1;
@@ -215,7 +260,7 @@ BEGIN
                                             total_cents, currency, api_key_id, requested_execution_date,
                                             pending_count)
             OVERRIDING SYSTEM VALUE
-            VALUES (bulk_id, account.id, bulk_transfer.payload_hash, bulk_transfer.idempotency_key,
+            VALUES (bulk_id, account.id, request_hash, bulk_transfer.idempotency_key,
                     bulk_transfer.transfer_count, bulk_transfer.total_cents, account.currency,
                     bulk_transfer.api_key_id, bps.date_of(payload ->> 'requested_execution_date'),
                     bulk_transfer.transfer_count)
@@ -287,9 +332,7 @@ BEGIN
     END IF;
 
     IF idempotency_key IS NOT NULL THEN
-        UPDATE bps.idempotency_keys AS k
-           SET status = bulk_transfer.status, body = bulk_transfer.body, bulk_transfer_id = bulk_id
-         WHERE k.bank_account_id = account.id AND k.idempotency_key = bulk_transfer.idempotency_key;
+        PERFORM bps.remember_answer(account.id, idempotency_key, status, body, bulk_id);
     END IF;
 END
 $$;
