@@ -22,6 +22,8 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         WHEN 'organization_bic' THEN 11
         WHEN 'client_reference' THEN 35
         WHEN 'organization_name' THEN 140
+        WHEN 'MsgId' THEN 35
+        WHEN 'PmtInfId' THEN 35
     END
 $$;
 

@@ -8,6 +8,8 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         'type', '/problems/' || code,
         'title', CASE code
             WHEN 'invalid_json' THEN 'Request body is not a JSON object'
+            WHEN 'invalid_xml' THEN 'Request body is not a well-formed XML document'
+            WHEN 'unsupported_media_type' THEN 'Unsupported media type'
             WHEN 'validation_failed' THEN 'Request is not valid'
             WHEN 'account_not_found' THEN 'Bank account not found'
             WHEN 'insufficient_funds' THEN 'Insufficient funds'

@@ -45,6 +45,56 @@ BEGIN
 END
 $$;
 
+-- POST /bulk_transfer and /transfers/bulk with an XML body: a pain.001 file, for the key's accounts (each of
+-- its PmtInf must debit one of them).
+CREATE OR REPLACE FUNCTION bps_api.bulk_transfer_xml(api_key text, document text, idempotency_key text DEFAULT NULL,
+                                                     OUT status integer, OUT body jsonb, OUT bank_account_id bigint,
+                                                     OUT api_key_id bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    access record;
+BEGIN
+    SELECT * INTO access FROM bps.key_access(api_key, 'transfers:write') AS a;
+    api_key_id := access.api_key_id;
+    IF access.status IS NOT NULL THEN
+        status := access.status;
+        body := access.body;
+        RETURN;
+    END IF;
+    SELECT r.status, r.body, r.account_id INTO status, body, bank_account_id
+      FROM bps.bulk_transfer_xml(document, idempotency_key, access.bank_account_ids, access.api_key_id) AS r;
+END
+$$;
+
+-- GET /bulk_transfers/{id} with Accept: application/xml: its pain.002 status report, as document (status 200),
+-- or the problem in body.
+CREATE OR REPLACE FUNCTION bps_api.get_payment_status_report(api_key text, bulk_transfer_id text, OUT status integer,
+                                                             OUT body jsonb, OUT bank_account_id bigint,
+                                                             OUT api_key_id bigint, OUT document text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    access record;
+BEGIN
+    SELECT * INTO access FROM bps.key_access(api_key, 'transfers:read') AS a;
+    api_key_id := access.api_key_id;
+    IF access.status IS NOT NULL THEN
+        status := access.status;
+        body := access.body;
+        RETURN;
+    END IF;
+    document := bps.payment_status_report(bps.id_of(bulk_transfer_id), access.bank_account_ids)::text;
+    IF document IS NULL THEN
+        status := 404;
+        body := bps.problem(404, 'bulk_transfer_not_found', format('There is no bulk transfer %s.', bulk_transfer_id));
+        RETURN;
+    END IF;
+    status := 200;
+    document := '<?xml version="1.0" encoding="UTF-8"?>' || E'\n' || document;
+    bank_account_id := (SELECT b.bank_account_id FROM bps.bulk_transfers AS b WHERE b.id = bps.id_of(bulk_transfer_id));
+END
+$$;
+
 -- GET /bulk_transfers/{id}, for the key's accounts only: another account's bulk transfer is not found.
 -- The id as the path gave it, so that a malformed one is this function's 404, after the key is checked.
 CREATE OR REPLACE FUNCTION bps_api.get_bulk_transfer(api_key text, bulk_transfer_id text, OUT status integer,
