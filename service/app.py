@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
 from time import perf_counter
 
 import asyncpg
@@ -33,11 +36,23 @@ ANSWER = "r.status, r.body::text, current_setting('response.headers', true), r.b
 # (class 54: nested too deep, too big). The function itself never raises those for a request.
 BULK_TRANSFER_SQL = f"SELECT {ANSWER} FROM bps_api.bulk_transfer($1, $2::jsonb, $3) AS r"
 UNREADABLE_JSON_CLASSES = ("22", "54")
+# A pain.001 file: the function parses it (and answers 400 invalid_xml for a file that is not well-formed).
+BULK_TRANSFER_XML_SQL = f"SELECT {ANSWER} FROM bps_api.bulk_transfer_xml($1, $2, $3) AS r"
+# A pain.002 report: the document on 200, else the problem.
+REPORT_SQL = (
+    "SELECT r.status, coalesce(r.document, r.body::text), current_setting('response.headers', true), "
+    "r.bank_account_id, r.api_key_id FROM bps_api.get_payment_status_report($1, $2) AS r"
+)
+XML_TYPES = ("application/xml", "text/xml")
+XML_CONTENT_TYPE = "application/xml"
+# The encoding an XML declaration names, read from the bytes before they are decoded.
+XML_DECLARED_ENCODING = re.compile(rb"<\?xml[^>]{0,200}?encoding\s*=\s*[\"']([A-Za-z][A-Za-z0-9._-]{0,39})[\"']")
 AUTHENTICATE_SQL = f"SELECT {ANSWER} FROM bps_api.authenticate($1, $2) AS r"
 
 # Titles of the problems the service answers itself; sql/02_responses.sql titles the function's.
 PROBLEM_TITLES = {
     "invalid_json": "Request body is not a JSON object",
+    "invalid_xml": "Request body is not a well-formed XML document",
     "unauthorized": "Unauthorized",
     "not_found": "Not found",
     "method_not_allowed": "Method not allowed",
@@ -97,14 +112,16 @@ def unauthorized() -> web.Response:
     return problem(401, "unauthorized", UNAUTHORIZED_DETAIL, headers=CHALLENGE)
 
 
-def function_response(request: web.Request, answer: asyncpg.Record) -> web.Response:
+def function_response(
+    request: web.Request, answer: asyncpg.Record, content_type: str = "application/json"
+) -> web.Response:
     """The HTTP answer of a bps_api function: its status, body and headers; the account and key it was for
     go to the access log."""
     status, body, headers, account_id, api_key_id = answer
     response = web.Response(
         status=status,
         body=body.encode(),
-        content_type="application/json" if status < 400 else "application/problem+json",
+        content_type=content_type if status < 400 else "application/problem+json",
     )
     if headers:
         response.headers.update(json.loads(headers))
@@ -122,10 +139,10 @@ async def fetch(request: web.Request, sql: str, *args) -> asyncpg.Record | None:
         return None
 
 
-async def call(request: web.Request, sql: str, *args) -> web.Response:
+async def call(request: web.Request, sql: str, *args, content_type: str = "application/json") -> web.Response:
     """The answer of a bps_api function; 503 when the database cannot answer."""
     answer = await fetch(request, sql, *args)
-    return unavailable(request) if answer is None else function_response(request, answer)
+    return unavailable(request) if answer is None else function_response(request, answer, content_type)
 
 
 async def refuse(request: web.Request, key: str, scope: str, refusal: web.Response) -> web.Response:
@@ -152,10 +169,35 @@ def is_json(content_type: str) -> bool:
     )
 
 
-async def read_body(request: web.Request) -> str | web.Response:
-    """The body as text, or the problem that refuses its envelope (type, coding, size, framing, UTF-8)."""
-    if not is_json(request.content_type):
-        return problem(415, "unsupported_media_type", "Send the request as Content-Type: application/json.")
+def decode_xml(raw: bytes, charset: str | None) -> str | None:
+    """An XML body as text: in the charset of its Content-Type, else of its byte order mark, else of its XML
+    declaration, else UTF-8; None when it cannot be decoded so, or holds a NUL."""
+    if raw.startswith(codecs.BOM_UTF8):
+        raw, encoding = raw[len(codecs.BOM_UTF8) :], "utf-8"
+    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    elif charset:
+        encoding = charset
+    else:
+        declared = XML_DECLARED_ENCODING.match(raw)
+        encoding = declared.group(1).decode() if declared else "utf-8"
+    try:
+        text = raw.decode(codecs.lookup(encoding).name)
+    except (LookupError, UnicodeDecodeError):
+        return None
+    return None if "\x00" in text else text.lstrip("\ufeff")
+
+
+async def read_body(request: web.Request) -> tuple[str, bool] | web.Response:
+    """The body as text and whether it is XML, or the problem that refuses its envelope (type, coding, size,
+    framing, character encoding)."""
+    is_xml = request.content_type in XML_TYPES
+    if not is_xml and not is_json(request.content_type):
+        return problem(
+            415,
+            "unsupported_media_type",
+            "Send the request as Content-Type: application/json, or a pain.001 file as application/xml.",
+        )
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ACCEPTED_ENCODINGS:
         # aiohttp's raw-deflate fallback can wait forever on a body that is not deflate: accept gzip only.
@@ -167,13 +209,19 @@ async def read_body(request: web.Request) -> str | web.Response:
         )
     if (request.content_length or 0) > request.app[CONFIG].max_body_bytes:
         return too_large(request)
+    unreadable = "invalid_xml" if is_xml else "invalid_json"
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return too_large(request)
     except (HttpProcessingError, RequestPayloadError):
         # A body that cannot be read as sent: a broken Content-Encoding or chunked framing.
-        return problem(400, "invalid_json", "The request body could not be read as sent (Content-Encoding, framing).")
+        return problem(400, unreadable, "The request body could not be read as sent (Content-Encoding, framing).")
+    if is_xml:
+        text = decode_xml(raw, request.charset)
+        if text is None:
+            return problem(400, "invalid_xml", "The XML body cannot be decoded in the encoding it declares (or UTF-8).")
+        return text, True
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -181,20 +229,23 @@ async def read_body(request: web.Request) -> str | web.Response:
     if "\x00" in text:
         # PostgreSQL text cannot hold it, and JSON does not allow it unescaped.
         return problem(400, "invalid_json", "The request body is not valid JSON: it holds a NUL character.")
-    return text
+    return text, False
 
 
 async def post_bulk_transfer(request: web.Request) -> web.Response:
     key = bearer_key(request.headers.get("Authorization"))
     if key is None:
         return unauthorized()
-    body = await read_body(request)
-    if isinstance(body, web.Response):
-        return await refuse(request, key, "transfers:write", body)
+    read = await read_body(request)
+    if isinstance(read, web.Response):
+        return await refuse(request, key, "transfers:write", read)
+    body, is_xml = read
     idempotency_key = request.headers.get("Idempotency-Key")
     if idempotency_key is not None and not is_text(idempotency_key):
         # PostgreSQL cannot even receive it: send the empty key, which the function refuses like any bad key.
         idempotency_key = ""
+    if is_xml:
+        return await call(request, BULK_TRANSFER_XML_SQL, key, body, idempotency_key)
     try:
         return await call(request, BULK_TRANSFER_SQL, key, body, idempotency_key)
     except asyncpg.PostgresError as error:
@@ -207,6 +258,26 @@ async def post_bulk_transfer(request: web.Request) -> web.Response:
             "transfers:write",
             problem(400, "invalid_json", f"The request body is not valid JSON: {reason}"),
         )
+
+
+def quality(value: str) -> Decimal:
+    try:
+        return Decimal(value)
+    except InvalidOperation:
+        return Decimal(0)
+
+
+def wants_xml(accept: str | None) -> bool:
+    """Whether an Accept header prefers XML (application/xml, text/xml) to JSON, which is the default."""
+    xml = json_ = Decimal(-1)
+    for item in (accept or "").split(","):
+        media, *parameters = (part.strip().lower() for part in item.split(";"))
+        q = next((quality(p[2:]) for p in parameters if p.startswith("q=")), Decimal(1))
+        if media in XML_TYPES:
+            xml = max(xml, q)
+        elif media in ("application/json", "application/*", "*/*"):
+            json_ = max(json_, q)
+    return xml > 0 and xml > json_
 
 
 def path_id(request: web.Request) -> str:
@@ -233,6 +304,24 @@ def keyed(function: str, *arguments: Callable[[web.Request], str]):
         return await call(request, sql, key, *(argument(request) for argument in arguments))
 
     return handler
+
+
+get_bulk_transfer_json = keyed("get_bulk_transfer", path_id)
+
+
+async def get_bulk_transfer(request: web.Request) -> web.Response:
+    """GET /bulk_transfers/{id}: JSON, or its pain.002 status report for Accept: application/xml."""
+    if wants_xml(request.headers.get("Accept")):
+        key = bearer_key(request.headers.get("Authorization"))
+        response = (
+            unauthorized()
+            if key is None
+            else await call(request, REPORT_SQL, key, path_id(request), content_type=XML_CONTENT_TYPE)
+        )
+    else:
+        response = await get_bulk_transfer_json(request)
+    response.headers["Vary"] = "Accept"
+    return response
 
 
 async def health(request: web.Request) -> web.Response:
@@ -303,7 +392,7 @@ def create_app(config: Config) -> web.Application:
     for path in ("/bulk_transfer", "/transfers/bulk"):
         app.router.add_post(path, post_bulk_transfer)
     app.router.add_get("/bulk_transfers", keyed("list_bulk_transfers", query_of))
-    app.router.add_get("/bulk_transfers/{id}", keyed("get_bulk_transfer", path_id))
+    app.router.add_get("/bulk_transfers/{id}", get_bulk_transfer)
     app.router.add_post("/bulk_transfers/{id}/cancel", keyed("cancel_bulk_transfer", path_id))
     # Not /transfers/bulk, the POST endpoint: a GET of it is 405, not a transfer named "bulk".
     app.router.add_get("/transfers/{id:(?!bulk$)[^/]+}", keyed("get_transfer", path_id))
