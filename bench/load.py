@@ -39,7 +39,7 @@ MAX_SAMPLES = 5
 class Spec:
     """One case as this process runs it: `slots` are its share of the case's global slot numbers."""
 
-    kind: str  # many | hot | floor | health
+    kind: str  # many | hot | xml | floor | health
     batch: int
     slots: list[int]
     concurrency: int
@@ -66,14 +66,15 @@ class Slot:
 
 class Runner:
     def __init__(self) -> None:
-        self.templates: dict[int, Template] = {}
+        self.templates: dict[tuple[str, int], Template] = {}
         self.slots: list[Slot] = []
         self.spec: Spec | None = None
 
-    def template(self, batch: int) -> Template:
-        if batch not in self.templates:
-            self.templates[batch] = Template.build(batch)
-        return self.templates[batch]
+    def template(self, batch: int, kind: str = "many") -> Template:
+        """The body of a case: a pain.001 file for the xml cases, JSON for every other."""
+        if (kind, batch) not in self.templates:
+            self.templates[kind, batch] = Template.build_xml(batch) if kind == "xml" else Template.build(batch)
+        return self.templates[kind, batch]
 
     async def prepare(self, spec: Spec) -> None:
         await self.close()
@@ -104,7 +105,7 @@ class Runner:
                     )
                 )
             else:
-                template = self.template(spec.batch)
+                template = self.template(spec.batch, spec.kind)
                 buffer, body_at, key_at = template.http_request(spec.host, spec.port)
                 connection = Connection(spec.host, spec.port)
                 await connection.open()
@@ -172,7 +173,7 @@ class Runner:
         return {"records": records, "samples": samples, "cpu_seconds": cpu["end"] - cpu["start"], "stuck": len(pending)}
 
 
-OK = {"health": "200", "many": "201", "hot": "201", "floor": "ok"}
+OK = {"health": "200", "many": "201", "hot": "201", "xml": "201", "floor": "ok"}
 
 
 def http_sender(connection: Connection):

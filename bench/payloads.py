@@ -44,14 +44,41 @@ def _transfer(position: int) -> dict:
     }
 
 
+def _pain001(batch: int) -> str:
+    """The same request as a pain.001.001.09 file: one PmtInf, the counter in its GrpHdr/MsgId (what makes two
+    files different to the duplicate check)."""
+    transfers = [_transfer(i) for i in range(batch)]
+    total = sum(Decimal(t["amount"]) for t in transfers)
+    rows = "".join(
+        f"<CdtTrfTxInf><PmtId><EndToEndId>{t['client_reference']}</EndToEndId></PmtId>"
+        f'<Amt><InstdAmt Ccy="EUR">{t["amount"]}</InstdAmt></Amt>'
+        f"<CdtrAgt><FinInstnId><BICFI>{t['counterparty_bic']}</BICFI></FinInstnId></CdtrAgt>"
+        f"<Cdtr><Nm>{t['counterparty_name']}</Nm></Cdtr><CdtrAcct><Id><IBAN>{t['counterparty_iban']}</IBAN></Id></CdtrAcct>"
+        f"<RmtInf><Ustrd>{t['description']}</Ustrd></RmtInf></CdtTrfTxInf>"
+        for t in transfers
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<Document xmlns="urn:iso:std:iso:20022:tech:xsd:pain.001.001.09"><CstmrCdtTrfInitn>'
+        f"<GrpHdr><MsgId>bench-{COUNTER_PLACEHOLDER}</MsgId><CreDtTm>2026-01-01T00:00:00</CreDtTm>"
+        f"<NbOfTxs>{batch}</NbOfTxs><CtrlSum>{total}</CtrlSum><InitgPty><Nm>{ORGANIZATION_NAME}</Nm></InitgPty></GrpHdr>"
+        f"<PmtInf><PmtInfId>bench</PmtInfId><PmtMtd>TRF</PmtMtd><NbOfTxs>{batch}</NbOfTxs><CtrlSum>{total}</CtrlSum>"
+        "<ReqdExctnDt><Dt>2026-01-01</Dt></ReqdExctnDt>"
+        f"<Dbtr><Nm>{ORGANIZATION_NAME}</Nm></Dbtr><DbtrAcct><Id><IBAN>{IBAN_PLACEHOLDER}</IBAN></Id></DbtrAcct>"
+        f"<DbtrAgt><FinInstnId><BICFI>{ORGANIZATION_BIC}</BICFI></FinInstnId></DbtrAgt><ChrgBr>SLEV</ChrgBr>"
+        f"{rows}</PmtInf></CstmrCdtTrfInitn></Document>"
+    )
+
+
 @dataclass(frozen=True)
 class Template:
-    """One encoded JSON body of `batch` transfers and where its variable fields sit."""
+    """One encoded body of `batch` transfers (JSON, or a pain.001 file) and where its variable fields sit."""
 
     batch: int
     body: bytes
     iban_at: int
     counter_at: int
+    content_type: str = "application/json"
 
     @classmethod
     def build(cls, batch: int) -> Template:
@@ -64,11 +91,17 @@ class Template:
         body = json.dumps(document, separators=(",", ":")).encode()
         return cls(batch, body, body.index(IBAN_PLACEHOLDER.encode()), body.index(COUNTER_PLACEHOLDER.encode()))
 
+    @classmethod
+    def build_xml(cls, batch: int) -> Template:
+        body = _pain001(batch).encode()
+        iban_at, counter_at = body.index(IBAN_PLACEHOLDER.encode()), body.index(COUNTER_PLACEHOLDER.encode())
+        return cls(batch, body, iban_at, counter_at, "application/xml")
+
     def http_request(self, host: str, port: int, path: str = "/bulk_transfer") -> tuple[bytearray, int, int]:
         """The whole HTTP/1.1 request as one mutable buffer, where the body starts in it, and where the API
         key of its Authorization header sits."""
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {self.content_type}\r\n"
             f"Authorization: Bearer {KEY_PLACEHOLDER}\r\nContent-Length: {len(self.body)}\r\n\r\n"
         ).encode()
         return bytearray(head + self.body), len(head), head.index(KEY_PLACEHOLDER.encode())

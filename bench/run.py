@@ -8,6 +8,7 @@ several workers, then runs each case for a fixed window with closed-loop clients
           like bps.transfers: no HTTP, no rules          (what PostgreSQL itself allows)
   many    POST /bulk_transfer, each concurrent client debiting accounts no other client touches
   hot     POST /bulk_transfer, every client debiting ONE account
+  xml     POST /bulk_transfer of the many case's request as a pain.001 file (one PmtInf), accounts as many's
 
 at each batch size and concurrency. Every request body is unique (a counter stamped in place) and every
 account can pay for the whole run, so a correct service answers 201 to each; anything else is reported.
@@ -17,11 +18,11 @@ the CPU went, what PostgreSQL's backends waited on, and (BPS_BENCH_PROFILE=1) py
 Environment (all optional):
   BPS_BENCH_URL            use this database (migrated, kept) instead of a fresh one (dropped at the end)
   BPS_BENCH_ADMIN_URL      where fresh databases are made (default postgresql://postgres@127.0.0.1:5432/postgres)
-  BPS_BENCH_SECONDS        measured seconds per case (default 6: the whole run takes about 7 minutes)
+  BPS_BENCH_SECONDS        measured seconds per case (default 6: the whole run takes about 9 minutes)
   BPS_BENCH_WARMUP         warm-up seconds per case, not measured (default 1)
   BPS_BENCH_BATCHES        transfers per request (default 1,10,100,1000,10000)
   BPS_BENCH_CONCURRENCY    concurrent clients (default 1,4,16)
-  BPS_BENCH_CASES          which cases to run (default health,floor,many,hot)
+  BPS_BENCH_CASES          which cases to run (default health,floor,many,hot,xml)
   BPS_BENCH_WORKERS        service worker processes (default 2)
   BPS_BENCH_POOL_MAX_SIZE  database connections per worker (default: the service's own default)
   BPS_BENCH_ACCOUNTS       accounts for the many-accounts cases (default 1000)
@@ -104,7 +105,7 @@ class Settings:
             warmup=float(env.get("BPS_BENCH_WARMUP") or 1),
             batches=_ints(env.get("BPS_BENCH_BATCHES") or "1,10,100,1000,10000"),
             concurrency=concurrency,
-            cases=[c.strip() for c in (env.get("BPS_BENCH_CASES") or "health,floor,many,hot").split(",")],
+            cases=[c.strip() for c in (env.get("BPS_BENCH_CASES") or "health,floor,many,hot,xml").split(",")],
             workers=int(env.get("BPS_BENCH_WORKERS") or 2),
             pool_max_size=int(env.get("BPS_BENCH_POOL_MAX_SIZE") or Config().pool_max_size),
             accounts=int(env.get("BPS_BENCH_ACCOUNTS") or 1000),
