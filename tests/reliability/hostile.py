@@ -15,6 +15,7 @@ import re
 import socket
 import zlib
 from dataclasses import dataclass
+from xml.sax.saxutils import escape, quoteattr
 
 from hypothesis import strategies as st
 
@@ -359,6 +360,97 @@ def hostile_bodies(draw, accounts: list[dict]):
     return body, f"broken {how}"
 
 
+PAIN001 = "urn:iso:std:iso:20022:tech:xsd:pain.001.001.03"
+# Attacks on XML parsers: entities (external, expanding), DTDs to fetch, and their spellings.
+XML_ATTACKS = [
+    '<?xml version="1.0"?><!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/passwd">]><Document>&x;</Document>',
+    '<?xml version="1.0"?><!DOCTYPE d [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
+    '<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;"><!ENTITY d "&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;">]>'
+    "<Document>&d;</Document>",
+    '<!DOCTYPE Document SYSTEM "http://127.0.0.1:9/pain.dtd"><Document xmlns="' + PAIN001 + '"/>',
+    '<?xml version="1.0"?><!doctype d [<!entity % p SYSTEM "file:///etc/hostname"> %p;]><Document/>',
+    '<?xml version="1.0"?><Document xmlns="' + PAIN001 + '">'
+    "<CstmrCdtTrfInitn>&undeclared;</CstmrCdtTrfInitn></Document>",
+    '<?xml version="1.0"?><Document xmlns:xi="http://www.w3.org/2001/XInclude"><xi:include href="file:///etc/passwd"/>'
+    "</Document>",
+    '<Document xmlns="urn:iso:std:iso:20022:tech:xsd:pain.008.001.02"><CstmrDrctDbtInitn/></Document>',
+    '<Other xmlns="' + PAIN001 + '"/>',
+    "<Document/>",
+    "<",
+    "",
+]
+
+
+def pain001(account: dict, transfers: list[dict], message_id: str, count: str | None = None) -> str:
+    """A pain.001.001.03 file of one PmtInf debiting `account`; values escaped, not checked."""
+    rows = "".join(
+        "<CdtTrfTxInf><PmtId><EndToEndId>{}</EndToEndId></PmtId><Amt><InstdAmt Ccy={}>{}</InstdAmt></Amt>"
+        "<CdtrAgt><FinInstnId><BIC>{}</BIC></FinInstnId></CdtrAgt><Cdtr><Nm>{}</Nm></Cdtr>"
+        "<CdtrAcct><Id><IBAN>{}</IBAN></Id></CdtrAcct><RmtInf><Ustrd>{}</Ustrd></RmtInf></CdtTrfTxInf>".format(
+            escape(t.get("client_reference", "NOTPROVIDED")),
+            quoteattr(t.get("currency", "EUR")),
+            escape(t["amount"]),
+            escape(t["counterparty_bic"]),
+            escape(t["counterparty_name"]),
+            escape(t["counterparty_iban"]),
+            escape(t["description"]),
+        )
+        for t in transfers
+    )
+    count = str(len(transfers)) if count is None else count
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?><Document xmlns="{PAIN001}"><CstmrCdtTrfInitn><GrpHdr>'
+        f"<MsgId>{escape(message_id)}</MsgId><CreDtTm>2026-01-01T00:00:00</CreDtTm><NbOfTxs>{escape(count)}</NbOfTxs>"
+        f"<InitgPty><Nm>x</Nm></InitgPty></GrpHdr><PmtInf><PmtInfId>p1</PmtInfId><PmtMtd>TRF</PmtMtd>"
+        f"<ReqdExctnDt>2026-01-01</ReqdExctnDt><Dbtr><Nm>x</Nm></Dbtr><DbtrAcct><Id><IBAN>{escape(account['iban'])}"
+        f"</IBAN></Id></DbtrAcct><DbtrAgt><FinInstnId><BIC>{escape(account['bic'])}</BIC></FinInstnId></DbtrAgt>"
+        f"{rows}</PmtInf></CstmrCdtTrfInitn></Document>"
+    )
+
+
+def utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def hostile_xml_bodies(draw, accounts: list[dict]):
+    """pain.001 files, odd and valid; parser attacks; broken documents; other encodings."""
+    kind = draw(st.sampled_from(["file", "file", "file", "attack", "broken", "encoding"]))
+    account = draw(st.sampled_from(accounts))
+    message_id = draw(st.one_of(st.uuids().map(lambda u: u.hex[:35]), odd_text(40)))
+    transfers = [valid_transfer(i) for i in range(draw(st.integers(1, 3)))]
+    if kind == "attack":
+        return draw(st.sampled_from(XML_ATTACKS)).encode(), "xml attack"
+    if kind == "file":
+        field = draw(st.sampled_from(["amount", "counterparty_name", "description", "client_reference", "none"]))
+        if field != "none":
+            transfers[0][field] = draw(amounts() if field == "amount" else odd_text())
+        count = draw(st.sampled_from([None] * 4 + ["0", "99", "", "x"]))
+        return utf8(pain001(account, transfers, message_id, count)), f"xml file[{field}]"
+    text = pain001(account, transfers, message_id)
+    if kind == "encoding":
+        how = draw(st.sampled_from(["latin-1", "utf-16", "bogus", "undeclared-latin-1"]))
+        if how == "latin-1":
+            latin = text.replace("UTF-8", "ISO-8859-1").replace("x</Nm>", "Müller</Nm>")
+            return latin.encode("latin-1", "replace"), "xml latin-1"
+        if how == "utf-16":
+            return text.replace("UTF-8", "UTF-16").encode("utf-16", "surrogatepass"), "xml utf-16"
+        if how == "bogus":
+            bogus = draw(st.sampled_from(["x-unknown", "rot13", "base64", "utf-32"]))
+            return utf8(text.replace("UTF-8", bogus)), "xml bogus encoding"
+        return text.replace("x</Nm>", "Müller</Nm>").encode("latin-1", "replace"), "xml undeclared latin-1"
+    body = utf8(text)
+    how = draw(st.sampled_from(["truncate", "splice", "trailing"]))
+    if how == "truncate":
+        body = body[: draw(st.integers(0, len(body) - 1))]
+    elif how == "splice":
+        at = draw(st.integers(0, len(body)))
+        body = body[:at] + draw(st.binary(min_size=1, max_size=8)) + body[at:]
+    else:
+        body = body + draw(st.sampled_from([b"x", b"<a/>", b"\x00", b"<!--", b"]]>"]))
+    return body, f"xml broken {how}"
+
+
 HEADER_OK = re.compile(rb"[^\r\n]*")
 
 
@@ -377,6 +469,7 @@ OTHER_TYPES = [
     None,
 ]
 ENCODINGS = [None] * 14 + ["gzip", "deflate", "bad-gzip", "bad-deflate", "br", "identity", "x-unknown"]
+XML_TYPES = [b"application/xml"] * 4 + [b"text/xml", b"application/xml; charset=utf-8", b"text/xml; charset=latin-1"]
 
 
 @functools.cache
@@ -396,14 +489,16 @@ def hostile_requests(draw, accounts: list[dict], choices: list[Credential], head
     """One hostile HTTP request, with one of the credentials `choices`. With `headers`, the Content-Type,
     Idempotency-Key and Content-Encoding are hostile too; without, it is a JSON POST with no Idempotency-Key
     and only the body is hostile."""
-    body, note = draw(hostile_bodies(accounts))
+    xml = draw(st.integers(0, 3)) == 0
+    body, note = draw(hostile_xml_bodies(accounts) if xml else hostile_bodies(accounts))
     credential = draw(authorizations(choices))
     note += f" ({credential.name} key)"
     if not headers:
         path = draw(st.sampled_from(PATHS))
-        return Hostile(body, [(b"Content-Type", b"application/json")], path, note, credential=credential)
+        plain = b"application/xml" if xml else b"application/json"
+        return Hostile(body, [(b"Content-Type", plain)], path, note, credential=credential)
     sent = []
-    content_type = draw(st.sampled_from(JSON_TYPES + OTHER_TYPES))
+    content_type = draw(st.sampled_from((XML_TYPES if xml else JSON_TYPES) + OTHER_TYPES))
     if content_type is not None:
         sent.append((b"Content-Type", content_type))
     key = draw(idempotency_keys())
@@ -484,6 +579,8 @@ def judge(request: Hostile, status: int, headers: dict, body: bytes, before: dic
     """None when the answer and the database change are right; else what is wrong."""
     if status >= 500:
         return f"HTTP {status}: {body[:300]!r}"
+    if b"root:x:0:0" in body:
+        return "the answer holds /etc/passwd: an XML entity was expanded"
     credential = request.credential
     # A request HTTP itself refuses (aiohttp's parser: a NUL in a header, ...) never reaches the key check.
     reached = headers.get("Content-Type", "").split(";")[0] in ("application/json", "application/problem+json")
@@ -507,14 +604,15 @@ def judge(request: Hostile, status: int, headers: dict, body: bytes, before: dic
     try:
         answer = json.loads(body)
         count, total = answer["transfer_count"], answer["total_cents"]
+        bulks = len(answer.get("bulk_transfers", [answer]))  # a pain.001 file: one per PmtInf
     except (ValueError, KeyError, TypeError):
         return f"HTTP 201 without transfer_count/total_cents: {body[:300]!r}"
     expected = {
-        "bulks": 1,
+        "bulks": bulks,
         "transfers": count,
-        "entries": 1,
+        "entries": bulks,
         "balances": -total,
-        "versions": 1,
+        "versions": bulks,
         "accounts": 0,
         "keys": 1 if request.key is not None else 0,
     }
