@@ -35,6 +35,12 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN bps.is_xml_decimal(value) THEN btrim(value, E' \t\n\r')::numeric END
 $$;
 
+-- A count (NbOfTxs: 1 to 15 digits), or NULL when the text is not one.
+CREATE OR REPLACE FUNCTION bps.xml_count(value text) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN btrim(value, E' \t\n\r') ~ '^[0-9]{1,15}$' THEN btrim(value, E' \t\n\r')::bigint END
+$$;
+
 -- An xs:decimal as a wire amount ('+0012.50' -> '12.5', '7.' -> '7', '1.230' -> '1.23'); any other text
 -- unchanged, for the amount rules to refuse with their own code. One expression, so that the planner
 -- inlines it: a wire amount already (the common case) costs one regular expression.
@@ -213,87 +219,91 @@ BEGIN
     -- One XMLTABLE over the header, the PmtInf and their transactions, in document order: a transaction
     -- belongs to the PmtInf before it.
     BEGIN
-    WITH node AS (
-        SELECT x.*, count(*) FILTER (WHERE x.element = 'PmtInf') OVER (ORDER BY x.n) AS block
-          FROM XMLTABLE(XMLNAMESPACES(bulk_transfer_xml.xml_namespace AS p),
-                        '/p:Document/p:CstmrCdtTrfInitn/p:GrpHdr | /p:Document/p:CstmrCdtTrfInitn/p:PmtInf | /p:Document/p:CstmrCdtTrfInitn/p:PmtInf/p:CdtTrfTxInf'
-                        PASSING doc
-                        COLUMNS n FOR ORDINALITY,
-                                element text PATH 'local-name()',
-                                -- GrpHdr, and PmtInf
-                                message_id text PATH 'p:MsgId',
-                                nb_of_txs text PATH 'p:NbOfTxs',
-                                ctrl_sum text PATH 'p:CtrlSum',
-                                -- PmtInf
-                                payment_information_id text PATH 'p:PmtInfId',
-                                method text PATH 'p:PmtMtd',
-                                -- A date (.03) or a Dt or DtTm in it (.09 on): its string value either way.
-                                execution_date text PATH 'string(p:ReqdExctnDt)',
-                                debtor_iban text PATH 'p:DbtrAcct/p:Id/p:IBAN',
-                                debtor_bic text PATH 'p:DbtrAgt/p:FinInstnId/p:BIC | p:DbtrAgt/p:FinInstnId/p:BICFI',
-                                -- CdtTrfTxInf
-                                instructed_amount text PATH 'p:Amt/p:InstdAmt',
-                                currency text PATH 'p:Amt/p:InstdAmt/@Ccy',
-                                counterparty_name text PATH 'p:Cdtr/p:Nm',
-                                counterparty_iban text PATH 'p:CdtrAcct/p:Id/p:IBAN',
-                                counterparty_bic text PATH 'p:CdtrAgt/p:FinInstnId/p:BIC | p:CdtrAgt/p:FinInstnId/p:BICFI',
-                                unstructured text PATH 'p:RmtInf/p:Ustrd[1]',
-                                creditor_reference text PATH 'p:RmtInf/p:Strd[1]/p:CdtrRefInf/p:Ref',
-                                end_to_end_id text PATH 'p:PmtId/p:EndToEndId') AS x
-    ),
-    grp AS (
-        SELECT g.message_id, g.nb_of_txs, g.ctrl_sum FROM node AS g WHERE g.element = 'GrpHdr' ORDER BY g.n LIMIT 1
-    ),
-    transfers AS (
-        SELECT tx.block, count(*) AS transfer_count,
-               -- The sum a CtrlSum is checked against: NULL when an amount is not a decimal (its own error).
-               CASE WHEN bool_and(coalesce(tx.amount ~ '^[0-9]+(\.[0-9]{1,2})?$', false))
-                    THEN sum(bps.xml_decimal(tx.amount)) END AS total,
-               jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
-                   'amount', tx.amount, 'currency', tx.currency, 'counterparty_name', tx.counterparty_name,
-                   'counterparty_iban', tx.counterparty_iban,
-                   -- IBAN-only SEPA: no CdtrAgt; the rail takes the EPC's placeholder.
-                   'counterparty_bic', coalesce(tx.counterparty_bic, 'NOTPROVIDED'),
-                   'description', coalesce(tx.unstructured, tx.creditor_reference, tx.end_to_end_id),
-                   'client_reference', tx.end_to_end_id)) ORDER BY tx.n) AS list
-          FROM (SELECT node.*, bps.xml_amount(node.instructed_amount) AS amount
-                  FROM node WHERE node.element = 'CdtTrfTxInf') AS tx
-         GROUP BY tx.block
-    ),
-    block AS (
-        SELECT pmt.block AS n, jsonb_build_object(
-                   'n', pmt.block, 'id', pmt.payment_information_id, 'method', pmt.method,
-                   'nb_of_txs', pmt.nb_of_txs, 'ctrl_sum', pmt.ctrl_sum,
-                   'transfer_count', coalesce(t.transfer_count, 0), 'total', t.total,
-                   'account_id', a.id, 'currency', a.currency, 'strict', a.counterparty_check = 'strict',
-                   'payload', jsonb_strip_nulls(jsonb_build_object(
-                       'organization_iban', pmt.debtor_iban,
-                       -- Without a DbtrAgt BIC, the one account of this IBAN the caller may debit (none found:
-                       -- a BIC no account has, so that the answer is account_not_found).
-                       'organization_bic', coalesce(pmt.debtor_bic, a.bic, 'NOTPROVIDED'),
-                       'credit_transfers', coalesce(t.list, '[]'),
-                       'requested_execution_date', bps.xml_execution_date(pmt.execution_date))),
-                   -- What makes two files the same on an account: the message id, on the first PmtInf for it.
-                   'hash', encode(sha256(convert_to(
-                       'pain.001 ' || coalesce((SELECT grp.message_id FROM grp), '')
-                       || CASE WHEN row_number() OVER (PARTITION BY a.id ORDER BY pmt.block) = 1 THEN ''
-                               ELSE ' ' || pmt.block END, 'UTF8')), 'hex')) AS block
-          FROM node AS pmt
-          LEFT JOIN transfers AS t ON t.block = pmt.block
-          LEFT JOIN LATERAL (
-              SELECT (array_agg(c.id))[1] AS id, (array_agg(c.bic))[1] AS bic,
-                     (array_agg(c.currency))[1] AS currency, (array_agg(c.counterparty_check))[1] AS counterparty_check
-                FROM bps.bank_accounts AS c
-               WHERE c.iban = bps.normalize_iban(pmt.debtor_iban)
-                 AND (pmt.debtor_bic IS NULL OR c.bic = bps.normalize_bic(pmt.debtor_bic))
-                 AND (bulk_transfer_xml.bank_account_ids IS NULL OR c.id = ANY (bulk_transfer_xml.bank_account_ids))
-              HAVING count(*) = 1
-          ) AS a ON true
-         WHERE pmt.element = 'PmtInf'
-    )
-    SELECT (SELECT grp.message_id FROM grp), (SELECT grp.nb_of_txs FROM grp), (SELECT grp.ctrl_sum FROM grp),
-           (SELECT jsonb_agg(block.block ORDER BY block.n) FROM block)
-      INTO message_id, group_nb_of_txs, group_ctrl_sum, blocks;
+        WITH node AS (
+            SELECT x.*, count(*) FILTER (WHERE x.element = 'PmtInf') OVER (ORDER BY x.n) AS block
+              FROM XMLTABLE(XMLNAMESPACES(bulk_transfer_xml.xml_namespace AS p),
+                            ('/p:Document/p:CstmrCdtTrfInitn/p:GrpHdr | /p:Document/p:CstmrCdtTrfInitn/p:PmtInf'
+                             || ' | /p:Document/p:CstmrCdtTrfInitn/p:PmtInf/p:CdtTrfTxInf')
+                            PASSING doc
+                            COLUMNS n FOR ORDINALITY,
+                                    element text PATH 'local-name()',
+                                    -- GrpHdr, and PmtInf
+                                    message_id text PATH 'p:MsgId',
+                                    nb_of_txs text PATH 'p:NbOfTxs',
+                                    ctrl_sum text PATH 'p:CtrlSum',
+                                    -- PmtInf
+                                    payment_information_id text PATH 'p:PmtInfId',
+                                    method text PATH 'p:PmtMtd',
+                                    -- A date (.03) or a Dt or DtTm in it (.09 on): its string value either way.
+                                    execution_date text PATH 'string(p:ReqdExctnDt)',
+                                    debtor_iban text PATH 'p:DbtrAcct/p:Id/p:IBAN',
+                                    debtor_bic text
+                                        PATH 'p:DbtrAgt/p:FinInstnId/p:BIC | p:DbtrAgt/p:FinInstnId/p:BICFI',
+                                    -- CdtTrfTxInf
+                                    instructed_amount text PATH 'p:Amt/p:InstdAmt',
+                                    currency text PATH 'p:Amt/p:InstdAmt/@Ccy',
+                                    counterparty_name text PATH 'p:Cdtr/p:Nm',
+                                    counterparty_iban text PATH 'p:CdtrAcct/p:Id/p:IBAN',
+                                    counterparty_bic text
+                                        PATH 'p:CdtrAgt/p:FinInstnId/p:BIC | p:CdtrAgt/p:FinInstnId/p:BICFI',
+                                    unstructured text PATH 'p:RmtInf/p:Ustrd[1]',
+                                    creditor_reference text PATH 'p:RmtInf/p:Strd[1]/p:CdtrRefInf/p:Ref',
+                                    end_to_end_id text PATH 'p:PmtId/p:EndToEndId') AS x
+        ),
+        grp AS (
+            SELECT g.message_id, g.nb_of_txs, g.ctrl_sum FROM node AS g WHERE g.element = 'GrpHdr' ORDER BY g.n LIMIT 1
+        ),
+        transfers AS (
+            SELECT tx.block, count(*) AS transfer_count,
+                   -- The sum a CtrlSum is checked against: NULL when an amount is not a decimal (its own error).
+                   CASE WHEN bool_and(coalesce(tx.amount ~ '^[0-9]+(\.[0-9]{1,2})?$', false))
+                        THEN sum(bps.xml_decimal(tx.amount)) END AS total,
+                   jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
+                       'amount', tx.amount, 'currency', tx.currency, 'counterparty_name', tx.counterparty_name,
+                       'counterparty_iban', tx.counterparty_iban,
+                       -- IBAN-only SEPA: no CdtrAgt; the rail takes the EPC's placeholder.
+                       'counterparty_bic', coalesce(tx.counterparty_bic, 'NOTPROVIDED'),
+                       'description', coalesce(tx.unstructured, tx.creditor_reference, tx.end_to_end_id),
+                       'client_reference', tx.end_to_end_id)) ORDER BY tx.n) AS list
+              FROM (SELECT node.*, bps.xml_amount(node.instructed_amount) AS amount
+                      FROM node WHERE node.element = 'CdtTrfTxInf') AS tx
+             GROUP BY tx.block
+        ),
+        block AS (
+            SELECT pmt.block AS n, jsonb_build_object(
+                       'n', pmt.block, 'id', pmt.payment_information_id, 'method', pmt.method,
+                       'nb_of_txs', pmt.nb_of_txs, 'ctrl_sum', pmt.ctrl_sum,
+                       'transfer_count', coalesce(t.transfer_count, 0), 'total', t.total,
+                       'account_id', a.id, 'currency', a.currency, 'strict', a.counterparty_check = 'strict',
+                       'payload', jsonb_strip_nulls(jsonb_build_object(
+                           'organization_iban', pmt.debtor_iban,
+                           -- Without a DbtrAgt BIC, the one account of this IBAN the caller may debit (none found:
+                           -- a BIC no account has, so that the answer is account_not_found).
+                           'organization_bic', coalesce(pmt.debtor_bic, a.bic, 'NOTPROVIDED'),
+                           'credit_transfers', coalesce(t.list, '[]'),
+                           'requested_execution_date', bps.xml_execution_date(pmt.execution_date))),
+                       -- What makes two files the same on an account: the message id, on the first PmtInf for it.
+                       'hash', encode(sha256(convert_to(
+                           'pain.001 ' || coalesce((SELECT grp.message_id FROM grp), '')
+                           || CASE WHEN row_number() OVER (PARTITION BY a.id ORDER BY pmt.block) = 1 THEN ''
+                                   ELSE ' ' || pmt.block END, 'UTF8')), 'hex')) AS block
+              FROM node AS pmt
+              LEFT JOIN transfers AS t ON t.block = pmt.block
+              LEFT JOIN LATERAL (
+                  SELECT (array_agg(c.id))[1] AS id, (array_agg(c.bic))[1] AS bic,
+                         (array_agg(c.currency))[1] AS currency,
+                         (array_agg(c.counterparty_check))[1] AS counterparty_check
+                    FROM bps.bank_accounts AS c
+                   WHERE c.iban = bps.normalize_iban(pmt.debtor_iban)
+                     AND (pmt.debtor_bic IS NULL OR c.bic = bps.normalize_bic(pmt.debtor_bic))
+                     AND (bulk_transfer_xml.bank_account_ids IS NULL OR c.id = ANY (bulk_transfer_xml.bank_account_ids))
+                  HAVING count(*) = 1
+              ) AS a ON true
+             WHERE pmt.element = 'PmtInf'
+        )
+        SELECT (SELECT grp.message_id FROM grp), (SELECT grp.nb_of_txs FROM grp), (SELECT grp.ctrl_sum FROM grp),
+               (SELECT jsonb_agg(block.block ORDER BY block.n) FROM block)
+          INTO message_id, group_nb_of_txs, group_ctrl_sum, blocks;
     EXCEPTION WHEN cardinality_violation THEN
         -- An element the schema allows once (an amount, a name, ...) is there twice: which one is meant?
         status := 422;
@@ -315,17 +325,18 @@ BEGIN
     account_id := (blocks -> 0 ->> 'account_id')::bigint;
 
     -- 3. A bank's upload checks: identifiers there, counts and control sums agreeing with the transactions.
-    SELECT coalesce(jsonb_agg(jsonb_build_object('path', c.path, 'code', c.code, 'detail', c.detail) ORDER BY c.n), '[]')
+    SELECT coalesce(jsonb_agg(jsonb_build_object('path', c.path, 'code', c.code, 'detail', c.detail) ORDER BY c.n),
+                    '[]')
       INTO errors
       FROM (
         SELECT 0 AS n, '/Document/CstmrCdtTrfInitn/GrpHdr/MsgId' AS path, i.code, i.detail
           FROM bps.xml_identifier_problem('MsgId', message_id) AS i
         UNION ALL
         SELECT 0, '/Document/CstmrCdtTrfInitn/GrpHdr/NbOfTxs', 'count_mismatch',
-               format('NbOfTxs is %s but the file holds %s transactions', coalesce(group_nb_of_txs, 'missing'),
-                      (SELECT coalesce(sum((b ->> 'transfer_count')::integer), 0) FROM jsonb_array_elements(blocks) AS b))
-          WHERE btrim(group_nb_of_txs) IS DISTINCT FROM
-                (SELECT coalesce(sum((b ->> 'transfer_count')::integer), 0) FROM jsonb_array_elements(blocks) AS b)::text
+               format('NbOfTxs is %s but the file holds %s transactions', coalesce(group_nb_of_txs, 'missing'), t.n)
+          FROM (SELECT coalesce(sum((b ->> 'transfer_count')::integer), 0) AS n
+                  FROM jsonb_array_elements(blocks) AS b) AS t
+         WHERE bps.xml_count(group_nb_of_txs) IS DISTINCT FROM t.n
         UNION ALL
         SELECT 0, '/Document/CstmrCdtTrfInitn/GrpHdr/CtrlSum', 'sum_mismatch',
                format('CtrlSum is %s but the file''s amounts sum to %s', group_ctrl_sum, s.total)
@@ -346,8 +357,10 @@ BEGIN
              WHERE btrim(b ->> 'method') <> 'TRF'
             UNION ALL
             SELECT '/NbOfTxs', 'count_mismatch',
-                   format('NbOfTxs is %s but this PmtInf holds %s transactions', b ->> 'nb_of_txs', b ->> 'transfer_count')
-             WHERE btrim(b ->> 'nb_of_txs') <> (b ->> 'transfer_count')
+                   format('NbOfTxs is %s but this PmtInf holds %s transactions', b ->> 'nb_of_txs',
+                          b ->> 'transfer_count')
+             WHERE b ->> 'nb_of_txs' IS NOT NULL
+               AND bps.xml_count(b ->> 'nb_of_txs') IS DISTINCT FROM (b ->> 'transfer_count')::bigint
             UNION ALL
             SELECT '/CtrlSum', 'sum_mismatch',
                    format('CtrlSum is %s but this PmtInf''s amounts sum to %s', b ->> 'ctrl_sum', b ->> 'total')
@@ -410,7 +423,8 @@ BEGIN
         ELSE
             IF body ->> 'code' = 'duplicate_request' THEN
                 body := body || jsonb_build_object('detail', format(
-                    'Message %s was already accepted for this account, as bulk transfer %s; nothing was transferred again.',
+                    'Message %s was already accepted for this account, as bulk transfer %s; '
+                    'nothing was transferred again.',
                     message_id, body ->> 'bulk_transfer_id'));
             END IF;
             -- Which PmtInf was refused, and why.
@@ -486,7 +500,8 @@ LANGUAGE sql STABLE AS $$
         SELECT b.*
           FROM bps.bulk_transfers AS b
          WHERE b.id = payment_status_report.bulk_transfer_id
-           AND (payment_status_report.bank_account_ids IS NULL OR b.bank_account_id = ANY (payment_status_report.bank_account_ids))
+           AND (payment_status_report.bank_account_ids IS NULL
+                OR b.bank_account_id = ANY (payment_status_report.bank_account_ids))
     ),
     per_status AS (
         SELECT bps.iso_status(t.status) AS code, count(*) AS transfer_count, sum(t.amount_cents)::bigint AS total_cents
@@ -499,7 +514,9 @@ LANGUAGE sql STABLE AS $$
     SELECT xmlelement(name "Document", xmlattributes('urn:iso:std:iso:20022:tech:xsd:pain.002.001.10' AS xmlns),
         xmlelement(name "CstmrPmtStsRpt",
             xmlelement(name "GrpHdr",
-                xmlelement(name "MsgId", 'BPS' || bulk.id || 'R' || floor(extract(epoch FROM clock_timestamp()) * 1000)),
+                -- Unique: the bulk transfer and the millisecond the report was made.
+                xmlelement(name "MsgId",
+                           'BPS' || bulk.id || 'R' || floor(extract(epoch FROM clock_timestamp()) * 1000)),
                 xmlelement(name "CreDtTm", bps.iso_date_time(now()))),
             xmlelement(name "OrgnlGrpInfAndSts",
                 xmlelement(name "OrgnlMsgId", coalesce(bulk.message_id, 'BPS' || bulk.id)),
@@ -522,12 +539,14 @@ LANGUAGE sql STABLE AS $$
                             END,
                             xmlelement(name "TxSts", bps.iso_status(t.status)),
                             CASE WHEN t.failure_reason IS NOT NULL THEN
-                                xmlelement(name "StsRsnInf", xmlelement(name "Rsn", xmlelement(name "Cd", t.failure_reason)))
+                                xmlelement(name "StsRsnInf",
+                                           xmlelement(name "Rsn", xmlelement(name "Cd", t.failure_reason)))
                             END,
                             xmlelement(name "AcctSvcrRef", t.id),
                             xmlelement(name "OrgnlTxRef",
-                                xmlelement(name "Amt", xmlelement(name "InstdAmt", xmlattributes(t.amount_currency AS "Ccy"),
-                                                                  bps.format_cents(t.amount_cents))))) ORDER BY t.id)
+                                xmlelement(name "Amt",
+                                    xmlelement(name "InstdAmt", xmlattributes(t.amount_currency AS "Ccy"),
+                                               bps.format_cents(t.amount_cents))))) ORDER BY t.id)
                    FROM bps.transfers_of(bulk.id) AS t))))
       FROM bulk, overall
 $$;
