@@ -133,6 +133,30 @@ LANGUAGE sql IMMUTABLE AS $$
                        jsonb_build_object('errors', errors))
 $$;
 
+-- An XPath naming (space-separated) the elements of a GrpHdr, PmtInf or CdtTrfTxInf given more than once
+-- where the schema allows them once; '' when there is none.
+CREATE OR REPLACE FUNCTION bps.pain001_repeats() RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT 'concat('
+        || string_agg(format('substring("%s ", 1, %s * (count(%s) > 1))', e.name, length(e.name) + 1, e.path), ',')
+        || ')'
+      FROM (VALUES ('MsgId', 'p:MsgId'), ('NbOfTxs', 'p:NbOfTxs'), ('CtrlSum', 'p:CtrlSum'),
+                   ('PmtInfId', 'p:PmtInfId'), ('PmtMtd', 'p:PmtMtd'), ('ReqdExctnDt', 'p:ReqdExctnDt'),
+                   ('DbtrAcct/Id/IBAN', 'p:DbtrAcct/p:Id/p:IBAN'),
+                   ('DbtrAgt/FinInstnId', 'p:DbtrAgt/p:FinInstnId/p:BIC | p:DbtrAgt/p:FinInstnId/p:BICFI'),
+                   ('Amt/InstdAmt', 'p:Amt/p:InstdAmt'), ('Cdtr/Nm', 'p:Cdtr/p:Nm'),
+                   ('CdtrAcct/Id/IBAN', 'p:CdtrAcct/p:Id/p:IBAN'),
+                   ('CdtrAgt/FinInstnId', 'p:CdtrAgt/p:FinInstnId/p:BIC | p:CdtrAgt/p:FinInstnId/p:BICFI'),
+                   ('PmtId/EndToEndId', 'p:PmtId/p:EndToEndId')) AS e(name, path)
+$$;
+
+-- A column's XPath: as it is (PostgreSQL refuses a column that finds two values), or its first value, when a
+-- file with an element given twice is read again to name it.
+CREATE OR REPLACE FUNCTION bps.xml_path(path text, first boolean) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN first THEN '(' || path || ')[1]' ELSE path END
+$$;
+
 -- The refusal of an XML document that is not a pain.001 accepted here.
 CREATE OR REPLACE FUNCTION bps.unsupported_xml() RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
@@ -168,6 +192,10 @@ DECLARE
     group_ctrl_sum text;
     blocks         jsonb;
     errors         jsonb;
+    read_errors    jsonb;
+    diagnose       boolean;
+    key_accounts   bigint[];
+    claimed        bigint[] := '{}';
     item           record;
     answer         record;
     failed_block   integer;
@@ -200,11 +228,12 @@ BEGIN
             || coalesce(nullif(left(split_part(parse_error, E'\n', 1), 200), ''), 'it could not be parsed.'));
         RETURN;
     END;
-    xml_namespace := substring(left(document, 4096)
-                               FROM '<Document\s[^>]*?\mxmlns\s*=\s*["'']([^"'']*)["'']');
+    -- The root's default namespace when the root follows the XML declaration at once, as ERPs write it.
+    xml_namespace := substring(left(ltrim(document, U&'\FEFF'), 4096)
+                               FROM '^\s*(?:<\?xml[^?]*\?>\s*)?<Document\s[^>]*?\mxmlns\s*=\s*["'']([^"'']*)["'']');
     message_name := bps.pain001_message_name(xml_namespace);
     IF message_name IS NULL THEN
-        -- Not the usual root (a prefixed name, a long prolog, another document): ask the parser.
+        -- Any other form (a prefixed root, a comment before it, another document): ask the parser.
         xml_namespace := (xpath('namespace-uri(/*[local-name() = "Document"])', doc))[1]::text;
         message_name := bps.pain001_message_name(xml_namespace);
     END IF;
@@ -218,101 +247,133 @@ BEGIN
     -- 2. Read it: the group header, and each PmtInf with its account and its transactions as a JSON request.
     -- One XMLTABLE over the header, the PmtInf and their transactions, in document order: a transaction
     -- belongs to the PmtInf before it.
-    BEGIN
-        WITH node AS (
-            SELECT x.*, count(*) FILTER (WHERE x.element = 'PmtInf') OVER (ORDER BY x.n) AS block
-              FROM XMLTABLE(XMLNAMESPACES(bulk_transfer_xml.xml_namespace AS p),
-                            ('/p:Document/p:CstmrCdtTrfInitn/p:GrpHdr | /p:Document/p:CstmrCdtTrfInitn/p:PmtInf'
-                             || ' | /p:Document/p:CstmrCdtTrfInitn/p:PmtInf/p:CdtTrfTxInf')
-                            PASSING doc
-                            COLUMNS n FOR ORDINALITY,
-                                    element text PATH 'local-name()',
-                                    -- GrpHdr, and PmtInf
-                                    message_id text PATH 'p:MsgId',
-                                    nb_of_txs text PATH 'p:NbOfTxs',
-                                    ctrl_sum text PATH 'p:CtrlSum',
-                                    -- PmtInf
-                                    payment_information_id text PATH 'p:PmtInfId',
-                                    method text PATH 'p:PmtMtd',
-                                    -- A date (.03) or a Dt or DtTm in it (.09 on): its string value either way.
-                                    execution_date text PATH 'string(p:ReqdExctnDt)',
-                                    debtor_iban text PATH 'p:DbtrAcct/p:Id/p:IBAN',
-                                    debtor_bic text
-                                        PATH 'p:DbtrAgt/p:FinInstnId/p:BIC | p:DbtrAgt/p:FinInstnId/p:BICFI',
-                                    -- CdtTrfTxInf
-                                    instructed_amount text PATH 'p:Amt/p:InstdAmt',
-                                    currency text PATH 'p:Amt/p:InstdAmt/@Ccy',
-                                    counterparty_name text PATH 'p:Cdtr/p:Nm',
-                                    counterparty_iban text PATH 'p:CdtrAcct/p:Id/p:IBAN',
-                                    counterparty_bic text
-                                        PATH 'p:CdtrAgt/p:FinInstnId/p:BIC | p:CdtrAgt/p:FinInstnId/p:BICFI',
-                                    unstructured text PATH 'p:RmtInf/p:Ustrd[1]',
-                                    creditor_reference text PATH 'p:RmtInf/p:Strd[1]/p:CdtrRefInf/p:Ref',
-                                    end_to_end_id text PATH 'p:PmtId/p:EndToEndId') AS x
-        ),
-        grp AS (
-            SELECT g.message_id, g.nb_of_txs, g.ctrl_sum FROM node AS g WHERE g.element = 'GrpHdr' ORDER BY g.n LIMIT 1
-        ),
-        transfers AS (
-            SELECT tx.block, count(*) AS transfer_count,
-                   -- The sum a CtrlSum is checked against: NULL when an amount is not a decimal (its own error).
-                   CASE WHEN bool_and(coalesce(tx.amount ~ '^[0-9]+(\.[0-9]{1,2})?$', false))
-                        THEN sum(bps.xml_decimal(tx.amount)) END AS total,
-                   jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
-                       'amount', tx.amount, 'currency', tx.currency, 'counterparty_name', tx.counterparty_name,
-                       'counterparty_iban', tx.counterparty_iban,
-                       -- IBAN-only SEPA: no CdtrAgt; the rail takes the EPC's placeholder.
-                       'counterparty_bic', coalesce(tx.counterparty_bic, 'NOTPROVIDED'),
-                       'description', coalesce(tx.unstructured, tx.creditor_reference, tx.end_to_end_id),
-                       'client_reference', tx.end_to_end_id)) ORDER BY tx.n) AS list
-              FROM (SELECT node.*, bps.xml_amount(node.instructed_amount) AS amount
-                      FROM node WHERE node.element = 'CdtTrfTxInf') AS tx
-             GROUP BY tx.block
-        ),
-        block AS (
-            SELECT pmt.block AS n, jsonb_build_object(
-                       'n', pmt.block, 'id', pmt.payment_information_id, 'method', pmt.method,
-                       'nb_of_txs', pmt.nb_of_txs, 'ctrl_sum', pmt.ctrl_sum,
-                       'transfer_count', coalesce(t.transfer_count, 0), 'total', t.total,
-                       'account_id', a.id, 'currency', a.currency, 'strict', a.counterparty_check = 'strict',
-                       'payload', jsonb_strip_nulls(jsonb_build_object(
-                           'organization_iban', pmt.debtor_iban,
-                           -- Without a DbtrAgt BIC, the one account of this IBAN the caller may debit (none found:
-                           -- a BIC no account has, so that the answer is account_not_found).
-                           'organization_bic', coalesce(pmt.debtor_bic, a.bic, 'NOTPROVIDED'),
-                           'credit_transfers', coalesce(t.list, '[]'),
-                           'requested_execution_date', bps.xml_execution_date(pmt.execution_date))),
-                       -- What makes two files the same on an account: the message id, on the first PmtInf for it.
-                       'hash', encode(sha256(convert_to(
-                           'pain.001 ' || coalesce((SELECT grp.message_id FROM grp), '')
-                           || CASE WHEN row_number() OVER (PARTITION BY a.id ORDER BY pmt.block) = 1 THEN ''
-                                   ELSE ' ' || pmt.block END, 'UTF8')), 'hex')) AS block
-              FROM node AS pmt
-              LEFT JOIN transfers AS t ON t.block = pmt.block
-              LEFT JOIN LATERAL (
-                  SELECT (array_agg(c.id))[1] AS id, (array_agg(c.bic))[1] AS bic,
-                         (array_agg(c.currency))[1] AS currency,
-                         (array_agg(c.counterparty_check))[1] AS counterparty_check
-                    FROM bps.bank_accounts AS c
-                   WHERE c.iban = bps.normalize_iban(pmt.debtor_iban)
-                     AND (pmt.debtor_bic IS NULL OR c.bic = bps.normalize_bic(pmt.debtor_bic))
-                     AND (bulk_transfer_xml.bank_account_ids IS NULL OR c.id = ANY (bulk_transfer_xml.bank_account_ids))
-                  HAVING count(*) = 1
-              ) AS a ON true
-             WHERE pmt.element = 'PmtInf'
-        )
-        SELECT (SELECT grp.message_id FROM grp), (SELECT grp.nb_of_txs FROM grp), (SELECT grp.ctrl_sum FROM grp),
-               (SELECT jsonb_agg(block.block ORDER BY block.n) FROM block)
-          INTO message_id, group_nb_of_txs, group_ctrl_sum, blocks;
-    EXCEPTION WHEN cardinality_violation THEN
-        -- An element the schema allows once (an amount, a name, ...) is there twice: which one is meant?
-        status := 422;
-        body := bps.pain001_invalid(jsonb_build_array(jsonb_build_object(
-            'path', '/Document', 'code', 'repeated_element',
-            'detail', 'an element that may appear only once (a MsgId, an amount, a name, an IBAN, a BIC, ...) '
-                      || 'appears more than once in its parent')));
-        RETURN;
-    END;
+    -- An element given twice where the schema allows it once fails the first read (a column finds two values);
+    -- the second reads first values only, and names each such element among the file's problems.
+    diagnose := false;
+    LOOP
+        BEGIN
+            WITH node AS (
+                SELECT x.*, count(*) FILTER (WHERE x.element = 'PmtInf') OVER (ORDER BY x.n) AS block
+                  FROM XMLTABLE(XMLNAMESPACES(bulk_transfer_xml.xml_namespace AS p),
+                                ('/p:Document/p:CstmrCdtTrfInitn/p:GrpHdr | /p:Document/p:CstmrCdtTrfInitn/p:PmtInf'
+                                 || ' | /p:Document/p:CstmrCdtTrfInitn/p:PmtInf/p:CdtTrfTxInf')
+                                PASSING doc
+                                COLUMNS n FOR ORDINALITY,
+                                        element text PATH 'local-name()',
+                                        -- Only when diagnosing: the elements given more than once here, by name.
+                                        repeated text PATH CASE WHEN diagnose THEN bps.pain001_repeats() ELSE '""' END,
+                                        -- GrpHdr, and PmtInf
+                                        message_id text PATH bps.xml_path('p:MsgId', diagnose),
+                                        nb_of_txs text PATH bps.xml_path('p:NbOfTxs', diagnose),
+                                        ctrl_sum text PATH bps.xml_path('p:CtrlSum', diagnose),
+                                        -- PmtInf
+                                        payment_information_id text PATH bps.xml_path('p:PmtInfId', diagnose),
+                                        method text PATH bps.xml_path('p:PmtMtd', diagnose),
+                                        -- A date (.03), or the Dt or DtTm in it (.09 on).
+                                        execution_date text PATH bps.xml_path(
+                                            'p:ReqdExctnDt[not(*)] | p:ReqdExctnDt/p:Dt | p:ReqdExctnDt/p:DtTm',
+                                            diagnose),
+                                        debtor_iban text PATH bps.xml_path('p:DbtrAcct/p:Id/p:IBAN', diagnose),
+                                        debtor_bic text
+                                            PATH bps.xml_path('p:DbtrAgt/p:FinInstnId/p:BIC | p:DbtrAgt/p:FinInstnId/p:BICFI',
+                                                              diagnose),
+                                        -- CdtTrfTxInf
+                                        instructed_amount text PATH bps.xml_path('p:Amt/p:InstdAmt', diagnose),
+                                        currency text PATH bps.xml_path('p:Amt/p:InstdAmt', diagnose) || '/@Ccy',
+                                        counterparty_name text PATH bps.xml_path('p:Cdtr/p:Nm', diagnose),
+                                        counterparty_iban text PATH bps.xml_path('p:CdtrAcct/p:Id/p:IBAN', diagnose),
+                                        counterparty_bic text
+                                            PATH bps.xml_path('p:CdtrAgt/p:FinInstnId/p:BIC | p:CdtrAgt/p:FinInstnId/p:BICFI',
+                                                              diagnose),
+                                        unstructured text PATH 'p:RmtInf/p:Ustrd[1]',
+                                        creditor_reference text PATH 'p:RmtInf/p:Strd[1]/p:CdtrRefInf/p:Ref',
+                                        end_to_end_id text PATH bps.xml_path('p:PmtId/p:EndToEndId', diagnose)) AS x
+            ),
+            grp AS (
+                SELECT g.message_id, g.nb_of_txs, g.ctrl_sum
+                  FROM node AS g WHERE g.element = 'GrpHdr' ORDER BY g.n LIMIT 1
+            ),
+            transfers AS (
+                SELECT tx.block, count(*) AS transfer_count,
+                       -- The sum a CtrlSum is checked against: NULL when an amount is not a decimal (its own error).
+                       CASE WHEN bool_and(coalesce(tx.amount ~ '^[0-9]+(\.[0-9]{1,2})?$', false))
+                            THEN sum(bps.xml_decimal(tx.amount)) END AS total,
+                       jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
+                           -- Ccy is required in XML: without it, '' (no account's currency) is refused at @Ccy.
+                           'amount', tx.amount, 'currency', coalesce(tx.currency, ''),
+                           'counterparty_name', tx.counterparty_name,
+                           'counterparty_iban', tx.counterparty_iban,
+                           -- IBAN-only SEPA: no CdtrAgt; the rail takes the EPC's placeholder.
+                           'counterparty_bic', coalesce(tx.counterparty_bic, 'NOTPROVIDED'),
+                           'description', coalesce(tx.unstructured, tx.creditor_reference, tx.end_to_end_id),
+                           'client_reference', tx.end_to_end_id)) ORDER BY tx.n) AS list
+                  FROM (SELECT node.*, bps.xml_amount(node.instructed_amount) AS amount
+                          FROM node WHERE node.element = 'CdtTrfTxInf') AS tx
+                 GROUP BY tx.block
+            ),
+            block AS (
+                SELECT pmt.block AS n, jsonb_build_object(
+                           'n', pmt.block, 'id', pmt.payment_information_id, 'method', pmt.method,
+                           'nb_of_txs', pmt.nb_of_txs, 'ctrl_sum', pmt.ctrl_sum,
+                           'transfer_count', coalesce(t.transfer_count, 0), 'total', t.total,
+                           'account_id', a.id, 'currency', a.currency, 'strict', a.counterparty_check = 'strict',
+                           -- (The optional fields are added, not stripped when NULL: that would copy every transfer.)
+                           'payload', jsonb_build_object(
+                               -- Without a DbtrAgt BIC, the one account of this IBAN the caller may debit (none found:
+                               -- a BIC no account has, so that the answer is account_not_found).
+                               'organization_bic', coalesce(pmt.debtor_bic, a.bic, 'NOTPROVIDED'),
+                               'credit_transfers', coalesce(t.list, '[]'))
+                               || jsonb_strip_nulls(jsonb_build_object(
+                                   'organization_iban', pmt.debtor_iban,
+                                   'requested_execution_date', bps.xml_execution_date(pmt.execution_date))),
+                           -- What makes two files the same on an account: the message id, on the first PmtInf for it.
+                           'hash', encode(sha256(convert_to(
+                               'pain.001 ' || coalesce((SELECT grp.message_id FROM grp), '')
+                               || CASE WHEN row_number() OVER (PARTITION BY a.id ORDER BY pmt.block) = 1 THEN ''
+                                       ELSE ' ' || pmt.block END, 'UTF8')), 'hex')) AS block
+                  FROM node AS pmt
+                  LEFT JOIN transfers AS t ON t.block = pmt.block
+                  LEFT JOIN LATERAL (
+                      SELECT (array_agg(c.id))[1] AS id, (array_agg(c.bic))[1] AS bic,
+                             (array_agg(c.currency))[1] AS currency,
+                             (array_agg(c.counterparty_check))[1] AS counterparty_check
+                        FROM bps.bank_accounts AS c
+                       WHERE c.iban = bps.normalize_iban(pmt.debtor_iban)
+                         AND (pmt.debtor_bic IS NULL OR c.bic = bps.normalize_bic(pmt.debtor_bic))
+                         AND (bulk_transfer_xml.bank_account_ids IS NULL
+                              OR c.id = ANY (bulk_transfer_xml.bank_account_ids))
+                      HAVING count(*) = 1
+                  ) AS a ON true
+                 WHERE pmt.element = 'PmtInf'
+            )
+            SELECT (SELECT grp.message_id FROM grp), (SELECT grp.nb_of_txs FROM grp), (SELECT grp.ctrl_sum FROM grp),
+                   (SELECT jsonb_agg(block.block ORDER BY block.n) FROM block),
+                   -- Each element given twice where the schema allows it once, at its path: which one is meant?
+                   (SELECT jsonb_agg(jsonb_build_object(
+                               'path', r.path || '/' || e.name
+                                       || CASE WHEN e.name LIKE '%FinInstnId' THEN '/' || bic_element ELSE '' END,
+                               'code', 'repeated_element',
+                               'detail', format('%s appears more than once here, where it may appear once', e.name))
+                           ORDER BY r.n, e.i)
+                      FROM (SELECT node.n, node.repeated,
+                                   CASE node.element
+                                       WHEN 'GrpHdr' THEN '/Document/CstmrCdtTrfInitn/GrpHdr'
+                                       WHEN 'PmtInf' THEN bps.pain001_block_path(node.block::integer)
+                                       ELSE bps.pain001_block_path(node.block::integer) || format('/CdtTrfTxInf[%s]',
+                                           row_number() OVER (PARTITION BY node.block, node.element ORDER BY node.n))
+                                   END AS path
+                              FROM node) AS r
+                     CROSS JOIN LATERAL unnest(string_to_array(rtrim(r.repeated), ' ')) WITH ORDINALITY AS e(name, i)
+                     WHERE r.repeated <> '')
+              INTO message_id, group_nb_of_txs, group_ctrl_sum, blocks, read_errors;
+            EXIT;
+        EXCEPTION WHEN cardinality_violation THEN
+            IF diagnose THEN
+                RAISE;
+            END IF;
+            diagnose := true;
+        END;
+    END LOOP;
     IF message_id IS NULL AND blocks IS NULL
        AND (xpath('concat(local-name(/*), " ", namespace-uri(/*))', doc))[1]::text
            IS DISTINCT FROM 'Document ' || xml_namespace THEN
@@ -352,9 +413,10 @@ BEGIN
          CROSS JOIN LATERAL (
             SELECT '/PmtInfId', i.code, i.detail FROM bps.xml_identifier_problem('PmtInfId', b ->> 'id') AS i
             UNION ALL
-            SELECT '/PmtMtd', 'unsupported_payment_method',
-                   format('PmtMtd is %s; only credit transfers (TRF) are executed', b ->> 'method')
-             WHERE btrim(b ->> 'method') <> 'TRF'
+            SELECT '/PmtMtd', CASE WHEN b ->> 'method' IS NULL THEN 'required' ELSE 'unsupported_payment_method' END,
+                   CASE WHEN b ->> 'method' IS NULL THEN 'PmtMtd is required: TRF'
+                        ELSE format('PmtMtd is %s; only credit transfers (TRF) are executed', b ->> 'method') END
+             WHERE btrim(b ->> 'method') IS DISTINCT FROM 'TRF'
             UNION ALL
             SELECT '/NbOfTxs', 'count_mismatch',
                    format('NbOfTxs is %s but this PmtInf holds %s transactions', b ->> 'nb_of_txs',
@@ -368,6 +430,7 @@ BEGIN
                AND bps.xml_decimal(b ->> 'ctrl_sum') IS DISTINCT FROM (b ->> 'total')::numeric
          ) AS e(step, code, detail)
       ) AS c;
+    errors := coalesce(read_errors, '[]') || errors;
     IF errors <> '[]' THEN
         status := 422;
         body := bps.pain001_invalid(errors || bps.pain001_block_errors(blocks, bic_element));
@@ -381,16 +444,24 @@ BEGIN
         RETURN;
     END IF;
 
-    -- 4. With an Idempotency-Key: the key, on the first PmtInf's account, for the file as sent.
-    key_account_id := account_id;
-    IF idempotency_key IS NOT NULL AND key_account_id IS NOT NULL THEN
+    -- 4. With an Idempotency-Key: the key, on every account the file debits (in id order), for the file as sent.
+    SELECT array_agg(DISTINCT (b ->> 'account_id')::bigint ORDER BY (b ->> 'account_id')::bigint) INTO key_accounts
+      FROM jsonb_array_elements(blocks) AS b
+     WHERE idempotency_key IS NOT NULL AND b ->> 'account_id' IS NOT NULL;
+    IF key_accounts IS NOT NULL THEN
         document_hash := sha256(convert_to(document, 'UTF8'));
-        stored := bps.claim_idempotency_key(key_account_id, idempotency_key, document_hash,
-                                            (SELECT s.idempotency_retention FROM bps.settings AS s));
-        IF stored.bank_account_id IS NOT NULL THEN
-            SELECT r.status, r.body INTO status, body FROM bps.idempotent_replay(stored, document_hash) AS r;
-            RETURN;
-        END IF;
+        FOREACH key_account_id IN ARRAY key_accounts LOOP
+            stored := bps.claim_idempotency_key(key_account_id, idempotency_key, document_hash,
+                                                (SELECT s.idempotency_retention FROM bps.settings AS s));
+            IF stored.bank_account_id IS NOT NULL THEN
+                -- Another request holds the key here: this call's claims go, and that request's answer is given.
+                DELETE FROM bps.idempotency_keys AS k
+                 WHERE k.bank_account_id = ANY (claimed) AND k.idempotency_key = bulk_transfer_xml.idempotency_key;
+                SELECT r.status, r.body INTO status, body FROM bps.idempotent_replay(stored, document_hash) AS r;
+                RETURN;
+            END IF;
+            claimed := claimed || key_account_id;
+        END LOOP;
     END IF;
 
     -- 5. Each PmtInf a bulk transfer, in the order of their accounts (two files on the same accounts lock
@@ -455,13 +526,15 @@ BEGIN
     END IF;
 
     -- The key keeps what a JSON request's would: an acceptance or a refusal for funds, not a file to correct.
-    IF document_hash IS NOT NULL THEN
+    IF claimed <> '{}' THEN
         IF status = 201 OR body ->> 'code' = 'insufficient_funds' THEN
-            PERFORM bps.remember_answer(key_account_id, idempotency_key, status, body,
-                                        (made -> 0 ->> 'bulk_transfer_id')::bigint);
+            FOREACH key_account_id IN ARRAY claimed LOOP
+                PERFORM bps.remember_answer(key_account_id, idempotency_key, status, body,
+                                            (made -> 0 ->> 'bulk_transfer_id')::bigint);
+            END LOOP;
         ELSE
             DELETE FROM bps.idempotency_keys AS k
-             WHERE k.bank_account_id = key_account_id AND k.idempotency_key = bulk_transfer_xml.idempotency_key;
+             WHERE k.bank_account_id = ANY (claimed) AND k.idempotency_key = bulk_transfer_xml.idempotency_key;
         END IF;
     END IF;
 END
@@ -472,6 +545,13 @@ CREATE OR REPLACE FUNCTION bps.bulk_transfer_xml(document text, idempotency_key 
                                                  OUT status integer, OUT body jsonb)
 LANGUAGE sql AS $$
     SELECT r.status, r.body FROM bps.bulk_transfer_xml(document, idempotency_key, NULL, NULL) AS r
+$$;
+
+-- A text as XML 1.0 can hold it: the characters it has no place for (C0 controls but tab, line feed and carriage
+-- return; U+FFFE, U+FFFF), which a JSON string may carry, become U+FFFD.
+CREATE OR REPLACE FUNCTION bps.xml_text(value text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT regexp_replace(value, '[\x01-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]', U&'\FFFD', 'g')
 $$;
 
 -- A transfer's ISO 20022 transaction status: ACSP accepted (pending or processing), ACSC executed,
@@ -519,12 +599,12 @@ LANGUAGE sql STABLE AS $$
                            'BPS' || bulk.id || 'R' || floor(extract(epoch FROM clock_timestamp()) * 1000)),
                 xmlelement(name "CreDtTm", bps.iso_date_time(now()))),
             xmlelement(name "OrgnlGrpInfAndSts",
-                xmlelement(name "OrgnlMsgId", coalesce(bulk.message_id, 'BPS' || bulk.id)),
+                xmlelement(name "OrgnlMsgId", coalesce(bps.xml_text(bulk.message_id), 'BPS' || bulk.id)),
                 xmlelement(name "OrgnlMsgNmId", coalesce(bulk.message_name, 'bps.bulk_transfer')),
                 xmlelement(name "OrgnlCreDtTm", bps.iso_date_time(bulk.created_at)),
                 xmlelement(name "GrpSts", overall.code)),
             xmlelement(name "OrgnlPmtInfAndSts",
-                xmlelement(name "OrgnlPmtInfId", coalesce(bulk.payment_information_id, bulk.id::text)),
+                xmlelement(name "OrgnlPmtInfId", coalesce(bps.xml_text(bulk.payment_information_id), bulk.id::text)),
                 xmlelement(name "OrgnlNbOfTxs", bulk.transfer_count),
                 xmlelement(name "OrgnlCtrlSum", bps.format_cents(bulk.total_cents)),
                 xmlelement(name "PmtInfSts", overall.code),
@@ -535,7 +615,7 @@ LANGUAGE sql STABLE AS $$
                    FROM per_status AS s),
                 (SELECT xmlagg(xmlelement(name "TxInfAndSts",
                             CASE WHEN t.client_reference IS NOT NULL THEN
-                                xmlelement(name "OrgnlEndToEndId", t.client_reference)
+                                xmlelement(name "OrgnlEndToEndId", bps.xml_text(t.client_reference))
                             END,
                             xmlelement(name "TxSts", bps.iso_status(t.status)),
                             CASE WHEN t.failure_reason IS NOT NULL THEN
