@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
-from support import Account, ApiKey, create_database, drop_database, random_iban
+from support import Account, ApiKey, database_fixtures, random_iban
 
-from service import db
 from service.app import create_app
 from service.config import Config
 
@@ -20,41 +19,8 @@ def pytest_sessionstart(session) -> None:
     subprocess.run([Path(__file__).parent / "ensure-postgres.sh"], check=True)
 
 
-@pytest.fixture(scope="session")
-async def database_url() -> AsyncIterator[str]:
-    """One migrated database for the whole session; tests isolate themselves with their own accounts."""
-    url = await create_database()
-    try:
-        await db.migrate(url)
-        yield url
-    finally:
-        await drop_database(url)
-
-
-@pytest.fixture(scope="session")
-async def service_url(database_url: str) -> str:
-    """The login of the service's own role (it may only execute schema bps_api), as `serve` makes it."""
-    return await db.login_url(database_url)
-
-
-@pytest.fixture(scope="session")
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    """Connections as the owner: what a DBA may do (create accounts and keys, read every table)."""
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=20)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture(scope="session")
-async def session_key(pool: asyncpg.Pool) -> ApiKey:
-    """An API key with both scopes that `make_account` adds every account it opens to: the tests' client
-    sends it unless a test says otherwise."""
-    first = await pool.fetchval("SELECT bps.create_bank_account('Key Holder SA', $1, 'OIVUSCLQXXX', 0)", random_iban())
-    key = await pool.fetchval("SELECT bps.create_api_key(ARRAY[$1::bigint], 'tests')", first)
-    key_id = await pool.fetchval(
-        "SELECT id FROM bps.api_credentials WHERE key_hash = sha256(convert_to($1, 'UTF8'))", key
-    )
-    return ApiKey(key_id, key)
+# The session's database, and the owner's pool and API key on it.
+database_url, service_url, pool, session_key = database_fixtures("session", "bps_test")
 
 
 @pytest.fixture

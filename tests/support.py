@@ -37,6 +37,57 @@ async def drop_database(url: str) -> None:
     await db.drop_database(ADMIN_URL, url)
 
 
+@asynccontextmanager
+async def migrated_database(prefix: str) -> AsyncIterator[str]:
+    """A fresh database with a unique name, migrated, dropped when the block ends."""
+    url = await create_database(prefix)
+    try:
+        await db.migrate(url)
+        yield url
+    finally:
+        await drop_database(url)
+
+
+def database_fixtures(scope: str, prefix: str) -> tuple:
+    """The fixtures database_url, service_url, pool and session_key, on a database of their own for `scope`
+    (conftest's for the session; a module that claims transfers or changes settings takes its own):
+    `database_url, service_url, pool, session_key = database_fixtures("module", "bps_mine")`."""
+    import pytest
+
+    @pytest.fixture(scope=scope, name="database_url")
+    async def database_url() -> AsyncIterator[str]:
+        """A migrated database, dropped afterwards; tests isolate themselves with their own accounts."""
+        async with migrated_database(prefix) as url:
+            yield url
+
+    @pytest.fixture(scope=scope, name="service_url")
+    async def service_url(database_url: str) -> str:
+        """The login of the service's own role (it may only execute schema bps_api), as `serve` makes it."""
+        return await db.login_url(database_url)
+
+    @pytest.fixture(scope=scope, name="pool")
+    async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+        """Connections as the owner: what a DBA may do (create accounts and keys, read every table)."""
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=20)
+        yield pool
+        await pool.close()
+
+    @pytest.fixture(scope=scope, name="session_key")
+    async def session_key(pool: asyncpg.Pool) -> ApiKey:
+        """An API key with both scopes that `make_account` adds every account it opens to: the tests' client
+        sends it unless a test says otherwise."""
+        first = await pool.fetchval(
+            "SELECT bps.create_bank_account('Key Holder SA', $1, 'OIVUSCLQXXX', 0)", random_iban()
+        )
+        key = await pool.fetchval("SELECT bps.create_api_key(ARRAY[$1::bigint], 'tests')", first)
+        key_id = await pool.fetchval(
+            "SELECT id FROM bps.api_credentials WHERE key_hash = sha256(convert_to($1, 'UTF8'))", key
+        )
+        return ApiKey(key_id, key)
+
+    return database_url, service_url, pool, session_key
+
+
 @dataclass(frozen=True)
 class Account:
     id: int

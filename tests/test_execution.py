@@ -20,19 +20,14 @@ import asyncpg
 import pytest
 from support import (
     Account,
-    ApiKey,
     assert_problem,
     assert_rejected_unchanged,
     balance_of,
-    create_database,
-    drop_database,
-    random_iban,
+    database_fixtures,
     request_for,
     rows_of,
     transfer,
 )
-
-from service import db
 
 BOTH = ["transfers:write", "transfers:read"]
 
@@ -45,36 +40,7 @@ RELEASE_SQL = "SELECT bps.release_runs($1::bigint[], $2::integer[], $3)"
 # A database of this module's own (the conftest fixtures of the same names, on it)
 
 
-@pytest.fixture(scope="module")
-async def database_url() -> AsyncIterator[str]:
-    url = await create_database("bps_execution_test")
-    try:
-        await db.migrate(url)
-        yield url
-    finally:
-        await drop_database(url)
-
-
-@pytest.fixture(scope="module")
-async def service_url(database_url: str) -> str:
-    return await db.login_url(database_url)
-
-
-@pytest.fixture(scope="module")
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=20)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture(scope="module")
-async def session_key(pool: asyncpg.Pool) -> ApiKey:
-    first = await pool.fetchval("SELECT bps.create_bank_account('Key Holder SA', $1, 'OIVUSCLQXXX', 0)", random_iban())
-    key = await pool.fetchval("SELECT bps.create_api_key(ARRAY[$1::bigint], 'tests')", first)
-    key_id = await pool.fetchval(
-        "SELECT id FROM bps.api_credentials WHERE key_hash = sha256(convert_to($1, 'UTF8'))", key
-    )
-    return ApiKey(key_id, key)
+database_url, service_url, pool, session_key = database_fixtures("module", "bps_execution_test")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from support import create_database, drop_database, random_iban
+from support import migrated_database, random_iban
 
 from service import db, rail_simulator
 from service.executor import Executor
@@ -30,12 +30,8 @@ REQUESTS = itertools.count()  # makes every payload unique: identical ones would
 
 @pytest.fixture(scope="module")
 async def url() -> AsyncIterator[str]:
-    url = await create_database("bps_executor_test")
-    try:
-        await db.migrate(url)
+    async with migrated_database("bps_executor_test") as url:
         yield url
-    finally:
-        await drop_database(url)
 
 
 @pytest.fixture(scope="module")

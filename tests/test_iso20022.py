@@ -22,7 +22,7 @@ import re
 import secrets
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -38,18 +38,14 @@ from sepaxml import SepaTransfer
 from support import (
     DATA_DIR,
     Account,
-    ApiKey,
     assert_problem,
     balance_of,
-    create_database,
-    drop_database,
+    database_fixtures,
     random_iban,
     request_for,
     rows_of,
     transfer,
 )
-
-from service import db
 
 PAIN001 = "urn:iso:std:iso:20022:tech:xsd:"
 # Every pain.001 message accepted, by name, with its namespace.
@@ -82,36 +78,7 @@ STORED_SQL = """
 # A database of this module's own (the conftest fixtures of the same names, on it)
 
 
-@pytest.fixture(scope="module")
-async def database_url() -> AsyncIterator[str]:
-    url = await create_database("bps_iso20022_test")
-    try:
-        await db.migrate(url)
-        yield url
-    finally:
-        await drop_database(url)
-
-
-@pytest.fixture(scope="module")
-async def service_url(database_url: str) -> str:
-    return await db.login_url(database_url)
-
-
-@pytest.fixture(scope="module")
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=20)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture(scope="module")
-async def session_key(pool: asyncpg.Pool) -> ApiKey:
-    first = await pool.fetchval("SELECT bps.create_bank_account('Key Holder SA', $1, 'OIVUSCLQXXX', 0)", random_iban())
-    key = await pool.fetchval("SELECT bps.create_api_key(ARRAY[$1::bigint], 'tests')", first)
-    key_id = await pool.fetchval(
-        "SELECT id FROM bps.api_credentials WHERE key_hash = sha256(convert_to($1, 'UTF8'))", key
-    )
-    return ApiKey(key_id, key)
+database_url, service_url, pool, session_key = database_fixtures("module", "bps_iso20022_test")
 
 
 # ---------------------------------------------------------------------------------------------------------
