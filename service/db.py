@@ -16,9 +16,20 @@ from yoyo import get_backend, read_migrations
 
 from .config import Config
 
-ROOT = Path(__file__).resolve().parent.parent
-MIGRATIONS_DIR = ROOT / "migrations"
-SQL_DIR = ROOT / "sql"
+PACKAGE = Path(__file__).resolve().parent
+# The project folder in a checkout (an editable install included); the working directory when BPS is installed
+# as a package: where the embedded database and the simulated rail keep their files.
+ROOT = PACKAGE.parent if (PACKAGE.parent / "pyproject.toml").exists() else Path.cwd()
+
+
+def data_dir(name: str) -> Path:
+    """sql/ or migrations/: inside the package when installed from a wheel, else beside it in the checkout."""
+    inside = PACKAGE / name
+    return inside if inside.is_dir() else PACKAGE.parent / name
+
+
+MIGRATIONS_DIR = data_dir("migrations")
+SQL_DIR = data_dir("sql")
 
 # Serializes schema changes between processes that migrate the same database at once.
 SCHEMA_LOCK_ID = 0x425053  # 'BPS'
