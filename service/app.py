@@ -10,6 +10,7 @@ import re
 import uuid
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from time import perf_counter
 
 import asyncpg
@@ -324,6 +325,20 @@ async def get_bulk_transfer(request: web.Request) -> web.Response:
     return response
 
 
+OPENAPI = web.AppKey("openapi", bytes)
+
+
+def openapi_document() -> bytes:
+    """service/openapi.yaml, the API's description (written first, then the code), as JSON."""
+    import yaml
+
+    return json.dumps(yaml.safe_load((Path(__file__).parent / "openapi.yaml").read_text())).encode()
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
 async def health(request: web.Request) -> web.Response:
     try:
         async with request.app[POOL].acquire(timeout=2) as connection:
@@ -388,6 +403,7 @@ async def database_pool(app: web.Application):
 def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[problem_middleware])
     app[CONFIG] = config
+    app[OPENAPI] = openapi_document()
     app.cleanup_ctx.append(database_pool)
     for path in ("/bulk_transfer", "/transfers/bulk"):
         app.router.add_post(path, post_bulk_transfer)
@@ -399,4 +415,5 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/accounts", keyed("list_accounts"))
     app.router.add_get("/accounts/{id}/entries", keyed("list_account_entries", path_id, query_of))
     app.router.add_get("/health", health)
+    app.router.add_get("/openapi.json", openapi)
     return app

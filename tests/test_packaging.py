@@ -30,10 +30,11 @@ def wheel(tmp_path_factory) -> Path:
     return next(out.glob("*.whl"))
 
 
-def test_the_wheel_carries_every_sql_file_and_migration(wheel: Path) -> None:
+def test_the_wheel_carries_every_sql_file_migration_and_the_api_description(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"service/sql/{p.name}" for p in (ROOT / "sql").glob("*.sql")}
     expected |= {f"service/migrations/{p.name}" for p in (ROOT / "migrations").glob("*.sql")}
+    expected.add("service/openapi.yaml")
     assert expected - names == set()
 
 
