@@ -314,7 +314,8 @@ class Generator:
             )
         elif case == 11:
             content_type = rng.choice(["text/plain", "application/x-www-form-urlencoded", "application/xml"])
-            expect = {(415, "unsupported_media_type")}
+            # JSON sent as XML is read as a pain.001 file, and is not one.
+            expect = {(400, "invalid_xml")} if content_type == "application/xml" else {(415, "unsupported_media_type")}
         elif case == 12:
             key = "k" * 256
         else:
