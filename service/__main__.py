@@ -11,12 +11,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
 from aiohttp import web
 
-from . import db, embedded, logs, rail_simulator
+from . import db, embedded, logs, metrics, rail_simulator
 from .app import create_app
 from .config import Config
 from .executor import Executor
@@ -53,6 +54,10 @@ def serve(config: Config) -> None:
     if config.workers <= 1:
         serve_one(config)
         return
+    # The workers' metrics meet in files there, so that any worker's /metrics counts them all.
+    made = metrics.MULTIPROC_DIR not in os.environ
+    metrics_dir = os.environ.setdefault(metrics.MULTIPROC_DIR, tempfile.mkdtemp(prefix="bps-metrics-"))
+    metrics.prepare_multiprocess_dir(metrics_dir)
     workers = [multiprocessing.Process(target=serve_one, args=(config,)) for _ in range(config.workers)]
     for worker in workers:
         worker.start()
@@ -67,6 +72,9 @@ def serve(config: Config) -> None:
     signal.signal(signal.SIGINT, stop_workers)
     for worker in workers:
         worker.join()
+    metrics.prepare_multiprocess_dir(metrics_dir)
+    if made:
+        os.rmdir(metrics_dir)
 
 
 async def execute(config: Config) -> None:

@@ -21,34 +21,52 @@ from aiohttp.web_protocol import RequestPayloadError
 from . import db
 from .access import bearer_key
 from .config import Config
-from .logs import ACCOUNT_ID, API_KEY_ID, REQUEST_ID, STARTED
+from .logs import ACCOUNT_ID, API_KEY_ID, REQUEST_ID, STARTED, route_of
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import DATABASE_SQL as METRICS_SQL
+from .metrics import Metrics
 
 log = logging.getLogger("bps")
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
+METRICS = web.AppKey("metrics", Metrics)
 
 # The entry points of schema bps_api, the only functions the service's database role may execute: each
 # answers the status and body, and the ids of the account and the key the call was about, for the access
 # log; it sets response.headers (PostgREST's convention), read in the same statement.
 ANSWER = "r.status, r.body::text, current_setting('response.headers', true), r.bank_account_id, r.api_key_id"
+
+
+def api_sql(function: str, *arguments: str, columns: str = ANSWER) -> str:
+    """The statement that calls bps_api.`function` with the request's key ($2) and `arguments` ($3 on). The key
+    goes through bps_api.request first, which names the session after the request id ($1), so that what the
+    database logs or shows in pg_stat_activity can be matched to the request (LATERAL: it runs first)."""
+    return (
+        f"SELECT {columns} FROM bps_api.request($1, $2) AS k(key), "
+        f"LATERAL bps_api.{function}({', '.join(('k.key', *arguments))}) AS r"
+    )
+
+
 # The body is cast to jsonb here, before the function runs: a body that is not JSON fails this statement
 # with a data exception (SQLSTATE class 22: bad syntax, \u0000, a number out of range) or a program limit
 # (class 54: nested too deep, too big). The function itself never raises those for a request.
-BULK_TRANSFER_SQL = f"SELECT {ANSWER} FROM bps_api.bulk_transfer($1, $2::jsonb, $3) AS r"
+BULK_TRANSFER_SQL = api_sql("bulk_transfer", "$3::jsonb", "$4")
 UNREADABLE_JSON_CLASSES = ("22", "54")
 # A pain.001 file: the function parses it (and answers 400 invalid_xml for a file that is not well-formed).
-BULK_TRANSFER_XML_SQL = f"SELECT {ANSWER} FROM bps_api.bulk_transfer_xml($1, $2, $3) AS r"
+BULK_TRANSFER_XML_SQL = api_sql("bulk_transfer_xml", "$3", "$4")
 # A pain.002 report: the document on 200, else the problem.
-REPORT_SQL = (
-    "SELECT r.status, coalesce(r.document, r.body::text), current_setting('response.headers', true), "
-    "r.bank_account_id, r.api_key_id FROM bps_api.get_payment_status_report($1, $2) AS r"
+REPORT_SQL = api_sql(
+    "get_payment_status_report",
+    "$3",
+    columns="r.status, coalesce(r.document, r.body::text), current_setting('response.headers', true), "
+    "r.bank_account_id, r.api_key_id",
 )
 XML_TYPES = ("application/xml", "text/xml")
 XML_CONTENT_TYPE = "application/xml"
 # The encoding an XML declaration names, read from the bytes before they are decoded.
 XML_DECLARED_ENCODING = re.compile(rb"<\?xml[^>]{0,200}?encoding\s*=\s*[\"']([A-Za-z][A-Za-z0-9._-]{0,39})[\"']")
-AUTHENTICATE_SQL = f"SELECT {ANSWER} FROM bps_api.authenticate($1, $2) AS r"
+AUTHENTICATE_SQL = api_sql("authenticate", "$3")
 
 # Titles of the problems the service answers itself; sql/02_responses.sql titles the function's.
 PROBLEM_TITLES = {
@@ -133,23 +151,27 @@ def function_response(
 
 async def fetch(request: web.Request, sql: str, *args) -> asyncpg.Record | None:
     """The row of one statement on a pooled connection; None when the database cannot answer."""
+    metrics = request.app[METRICS]
     try:
+        waited = perf_counter()
         async with request.app[POOL].acquire(timeout=request.app[CONFIG].pool_timeout_seconds) as connection:
+            metrics.pool_acquire.observe(perf_counter() - waited)
             return await connection.fetchrow(sql, *args)
     except UNAVAILABLE:
+        metrics.database_errors.labels("unavailable").inc()
         return None
 
 
-async def call(request: web.Request, sql: str, *args, content_type: str = "application/json") -> web.Response:
-    """The answer of a bps_api function; 503 when the database cannot answer."""
-    answer = await fetch(request, sql, *args)
+async def call(request: web.Request, sql: str, key: str, *args, content_type: str = "application/json") -> web.Response:
+    """The answer of the bps_api function of `sql` (see api_sql) for `key`; 503 when the database cannot answer."""
+    answer = await fetch(request, sql, request[REQUEST_ID], key, *args)
     return unavailable(request) if answer is None else function_response(request, answer, content_type)
 
 
 async def refuse(request: web.Request, key: str, scope: str, refusal: web.Response) -> web.Response:
     """`refusal` (a request the service turns away itself) for a key the database accepts; the key's own
     refusal (401, 403) otherwise: a client without a valid key learns nothing else about its request."""
-    answer = await fetch(request, AUTHENTICATE_SQL, key, scope)
+    answer = await fetch(request, AUTHENTICATE_SQL, request[REQUEST_ID], key, scope)
     if answer is None:
         return unavailable(request)
     return refusal if answer[0] is None else function_response(request, answer)
@@ -234,6 +256,22 @@ async def read_body(request: web.Request) -> tuple[str, bool] | web.Response:
 
 
 async def post_bulk_transfer(request: web.Request) -> web.Response:
+    response = await bulk_transfer(request)
+    request.app[METRICS].bulk_transfers.labels(outcome_of(response)).inc()
+    return response
+
+
+def outcome_of(response: web.Response) -> str:
+    """created, replayed, or the code of the problem a bulk transfer request was answered with."""
+    if response.status < 300:
+        return "replayed" if response.headers.get("Idempotent-Replayed") == "true" else "created"
+    try:
+        return str(json.loads(response.body)["code"])
+    except (TypeError, ValueError, KeyError):
+        return str(response.status)
+
+
+async def bulk_transfer(request: web.Request) -> web.Response:
     key = bearer_key(request.headers.get("Authorization"))
     if key is None:
         return unauthorized()
@@ -296,7 +334,7 @@ def query_of(request: web.Request) -> str:
 def keyed(function: str, *arguments: Callable[[web.Request], str]):
     """A handler that hands the request's key and `arguments` (the path's id, the query) to bps_api.`function`,
     whose answer is the response."""
-    sql = f"SELECT {ANSWER} FROM bps_api.{function}({', '.join(f'${i}' for i in range(1, len(arguments) + 2))}) AS r"
+    sql = api_sql(function, *(f"${i}" for i in range(3, len(arguments) + 3)))
 
     async def handler(request: web.Request) -> web.Response:
         key = bearer_key(request.headers.get("Authorization"))
@@ -386,9 +424,23 @@ async def problem_middleware(request: web.Request, handler) -> web.StreamRespons
             type(error).__name__,
             f" (SQLSTATE {sqlstate})" if sqlstate else "",
         )
+        request.app[METRICS].database_errors.labels(sqlstate[:2] if sqlstate else "none").inc()
         response = problem(500, "internal_error", "The request failed on our side; it is logged by its request id.")
     response.headers["X-Request-Id"] = request[REQUEST_ID]
+    request.app[METRICS].observe_request(request.method, route_of(request), response.status, request[STARTED])
     return response
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: every worker's counts and the database's figures (without them while it is down)."""
+    try:
+        async with request.app[POOL].acquire(timeout=2) as connection:
+            rows = await connection.fetch(METRICS_SQL, timeout=5)
+        up = 1
+    except UNAVAILABLE:
+        rows, up = [], 0
+    rows = [("bps_database_up", "1 when the database answered this scrape.", "gauge", None, up), *rows]
+    return web.Response(body=request.app[METRICS].exposition(rows), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def database_pool(app: web.Application):
@@ -396,14 +448,24 @@ async def database_pool(app: web.Application):
     pool = await db.create_pool(config)
     await db.warm_pool(pool, config.pool_min_size)
     app[POOL] = pool
+    watch = asyncio.create_task(watch_pool(app[METRICS], pool))
     yield
+    watch.cancel()
     await pool.close()
+
+
+async def watch_pool(metrics: Metrics, pool: asyncpg.Pool, every_seconds: float = 2) -> None:
+    """The pool's gauges, kept current in the background (each worker's, summed at scrape time)."""
+    while True:
+        metrics.observe_pool(pool)
+        await asyncio.sleep(every_seconds)
 
 
 def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[problem_middleware])
     app[CONFIG] = config
     app[OPENAPI] = openapi_document()
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(database_pool)
     for path in ("/bulk_transfer", "/transfers/bulk"):
         app.router.add_post(path, post_bulk_transfer)
@@ -416,4 +478,5 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/accounts/{id}/entries", keyed("list_account_entries", path_id, query_of))
     app.router.add_get("/health", health)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/metrics", metrics)
     return app

@@ -21,6 +21,25 @@ BEGIN
 END
 $$;
 
+-- The service's first call in each statement: names the session after the HTTP request (application_name
+-- 'bps <request id>', in pg_stat_activity and, with %a in log_line_prefix, in the server's log), and passes the
+-- API key on, so that the entry point called with it (LATERAL) runs after it.
+CREATE OR REPLACE FUNCTION bps_api.request(request_id text, api_key text) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM set_config('application_name', left('bps ' || request_id, 63), false);
+    RETURN api_key;
+END
+$$;
+
+-- GET /metrics: the database's figures (no key: they name no account, and an SRE's scraper has none).
+CREATE OR REPLACE FUNCTION bps_api.metrics(OUT name text, OUT help text, OUT kind text, OUT labels jsonb,
+                                           OUT value numeric)
+RETURNS SETOF record
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM bps.metrics()
+$$;
+
 -- POST /bulk_transfer and /transfers/bulk. The service casts the body to jsonb in its own statement: a body
 -- that is not JSON fails there (SQLSTATE class 22 or 54), and the service asks bps_api.authenticate first.
 -- The hot path: the key check is inlined into its first statement, and the planner settings are the core's.

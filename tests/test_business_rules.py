@@ -241,7 +241,7 @@ async def test_request_whose_database_session_dies_midway_leaves_no_trace(client
         for _ in range(500):
             victim = await pool.fetchval(
                 """SELECT pid FROM pg_stat_activity
-                    WHERE datname = current_database() AND application_name = 'bps'
+                    WHERE datname = current_database() AND application_name LIKE 'bps %'
                       AND wait_event_type = 'Lock' AND query LIKE '%bulk_transfer%'"""
             )
             if victim is not None:

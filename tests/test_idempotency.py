@@ -53,7 +53,7 @@ async def wait_for_lock_waiters(pool, count: int, unless=None) -> None:
     for _ in range(1000):
         waiting = await pool.fetchval(
             """SELECT count(*) FROM pg_stat_activity
-                WHERE datname = current_database() AND application_name = 'bps' AND wait_event_type = 'Lock'"""
+                WHERE datname = current_database() AND application_name LIKE 'bps %' AND wait_event_type = 'Lock'"""
         )
         if waiting >= count or (unless is not None and unless.done()):
             return

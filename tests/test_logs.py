@@ -167,3 +167,24 @@ def test_no_log_line_holds_a_key_or_personal_data_and_every_request_is_logged_by
         access = [json.loads(line) for line in lines if '"route"' in line]
         assert {entry["route"] for entry in access} >= {"/bulk_transfer", "/transfers/bulk", "/bulk_transfers/{id}"}
         assert {entry["account_id"] for entry in access if entry["status"] == 201} == {account}
+
+
+async def test_the_database_session_is_named_after_the_request(client, pool, make_account) -> None:
+    """A slow statement in the database's log (with %a in log_line_prefix) or in pg_stat_activity names the
+    request it serves: the session is 'bps <X-Request-Id>' from the statement that serves it on."""
+    account = await make_account()
+    request_id = f"trace-{uuid.uuid4().hex[:12]}"
+    body = {
+        "organization_iban": account.iban,
+        "organization_bic": account.bic,
+        "credit_transfers": [transfer(client_reference=None, counterparty_bic="CRLYFRPPTOU")],
+    }
+    body["credit_transfers"][0].pop("client_reference")
+    response = await client.post("/bulk_transfer", json=body, headers={"X-Request-Id": request_id})
+    assert response.status == 201, await response.text()
+    assert response.headers["X-Request-Id"] == request_id
+    named = await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1",
+        f"bps {request_id}",
+    )
+    assert named == 1

@@ -1,0 +1,1 @@
+DROP INDEX bps.execution_runs_parked_idx;

@@ -1,0 +1,123 @@
+"""Prometheus metrics: what the service's workers count, and what the database says at scrape time.
+
+With several worker processes each writes its values to files in PROMETHEUS_MULTIPROC_DIR (set by `serve`
+before the workers start, as prometheus-client requires), and a scrape that reaches any worker adds them all
+up. The figures of the work itself (transfers by status, the oldest due pending transfer) are read from the
+database at scrape time, from the small index of bulk transfers with pending transfers and the open runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from time import perf_counter
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+# Seconds: a one-transfer request takes about a millisecond, a 10000-transfer one a few hundred.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Read at scrape time, as the owner's functions see it (sql/10_metrics.sql).
+DATABASE_SQL = "SELECT * FROM bps_api.metrics()"
+
+
+class Metrics:
+    """The service's metrics, in a registry of their own (one per application, so tests can make many)."""
+
+    def __init__(self) -> None:
+        # Imported here, not at the top: prometheus-client picks its multi-process mode when first imported.
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = MULTIPROC_DIR in os.environ
+        self.requests = Counter(
+            "bps_http_requests",
+            "HTTP requests answered, by method, route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "bps_http_request_duration_seconds",
+            "Time from a request reaching the application to its answer, by method and route template.",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.bulk_transfers = Counter(
+            "bps_bulk_transfer_requests",
+            "Bulk transfer requests (JSON and pain.001) by outcome: created, replayed, or the problem code.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.database_errors = Counter(
+            "bps_database_errors",
+            "Statements that failed: unavailable (answered 503) or the SQLSTATE class of an unexpected error.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.pool_acquire = Histogram(
+            "bps_db_pool_acquire_seconds",
+            "Time a request waited for a database connection from its worker's pool.",
+            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+            registry=self.registry,
+        )
+        self.pool_connections = Gauge(
+            "bps_db_pool_connections",
+            "Connections of the workers' pools: open, in use, and the most they may open.",
+            ["state"],
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
+        # Label lookups cost more than the increments: each label set's child, found once.
+        self._request_children: dict[tuple[str, str, int], tuple] = {}
+
+    def observe_request(self, method: str, route: str, status: int, started: float) -> None:
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(method, route, str(status)),
+                self.latency.labels(method, route),
+            )
+        children[0].inc()
+        children[1].observe(perf_counter() - started)
+
+    def observe_pool(self, pool) -> None:
+        """The pool's figures, as this worker sees them now (each worker's gauges are summed)."""
+        size = pool.get_size()
+        self.pool_connections.labels("open").set(size)
+        self.pool_connections.labels("in_use").set(size - pool.get_idle_size())
+        self.pool_connections.labels("max").set(pool.get_max_size())
+
+    def exposition(self, database_rows) -> bytes:
+        """The text a scrape gets: every worker's counts, then the database's figures."""
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+        else:
+            registry = self.registry
+        return generate_latest(registry) + database_text(database_rows).encode()
+
+
+def database_text(rows) -> str:
+    """The database's figures (name, help, type, labels, value rows) in the exposition format."""
+    lines, described = [], set()
+    for name, help_text, kind, labels, value in rows:
+        labels = json.loads(labels) if isinstance(labels, str) else labels  # jsonb arrives as text
+        if name not in described:
+            described.add(name)
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        label_text = ",".join(f'{k}="{v}"' for k, v in sorted((labels or {}).items()))
+        lines.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def prepare_multiprocess_dir(directory: str) -> None:
+    """An empty directory for this service's workers' files (values a previous run left would add up)."""
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))
