@@ -6,9 +6,6 @@ with executors running >= 0.8 x intake alone."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,9 +13,10 @@ from pathlib import Path
 import asyncpg
 
 from service import db
+from service.processes import Process
 
 from . import database
-from .server import ROOT, Server
+from .server import service
 
 SETTLED_SQL = "SELECT coalesce(sum(executed_count + failed_count), 0)::bigint FROM bps.bulk_transfers"
 OPEN_SQL = "SELECT coalesce(sum(pending_count + processing_count), 0)::bigint FROM bps.bulk_transfers"
@@ -32,27 +30,23 @@ class Processes:
         self.rail_port = rail_port
         self.executors = executors
         self.out = out
-        self.running: list[subprocess.Popen] = []
+        self.running: list[Process] = []
         self.record = Path(tempfile.mkdtemp(prefix="bps-bench-rail-")) / "record.sqlite3"
 
-    def start(self, command: str, **env: str) -> subprocess.Popen:
-        environment = {**os.environ, "DATABASE_URL": self.url, **env}
-        with (self.out / f"{command}.log").open("ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "service", command], cwd=ROOT, env=environment, stdout=log, stderr=log
-            )
-        self.running.append(process)
+    def start(self, command: str, port: int | None = None, **env: str) -> Process:
+        process = Process(command, {"DATABASE_URL": self.url, **env}, port=port, log=self.out / f"{command}.log")
+        self.running.append(process.start())
         return process
 
     async def start_all(self) -> None:
-        rail = self.start(
+        await asyncio.to_thread(
+            self.start,
             "rail-simulator",
-            BPS_RAIL_PORT=str(self.rail_port),
+            self.rail_port,
             BPS_RAIL_LATENCY_MS="0",
             BPS_RAIL_RECORD=str(self.record),
             BPS_LOG_LEVEL="warning",
         )
-        await wait_port(self.rail_port, rail)
         for _ in range(self.executors):
             self.start(
                 "execute",
@@ -63,32 +57,12 @@ class Processes:
             )
 
     def pids(self) -> set[int]:
-        return {p.pid for p in self.running}
+        return {pid for process in self.running for pid in process.pids()}
 
     def stop(self) -> None:
         for process in self.running:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.running:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            process.stop(timeout=20)
         self.record.unlink(missing_ok=True)
-
-
-async def wait_port(port: int, process: subprocess.Popen, within: float = 30) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the simulated rail exited with {process.returncode}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"the simulated rail did not listen on {port} within {within} s")
 
 
 async def settled_per_second(url: str, seconds: float) -> tuple[float, int]:
@@ -115,9 +89,8 @@ async def execution_cases(settings, run_case, clients, make_sampler, port: int, 
     out = settings.out
     try:
         accounts = await database.prepare(url, settings.accounts, index)
-        server = Server(url, "127.0.0.1", port, settings.workers, settings.pool_max_size, out / "service-exec.log")
-        server.start()
-        await server.wait_ready()
+        server = service(url, "127.0.0.1", port, settings.workers, settings.pool_max_size, out / "service-exec.log")
+        await asyncio.to_thread(server.start)
         sampler = await make_sampler(url)
         case = Case("many", 1000, 16)
         alone = await run_case(index, case, accounts, url, server, sampler)
@@ -134,7 +107,7 @@ async def execution_cases(settings, run_case, clients, make_sampler, port: int, 
         if processes is not None:
             processes.stop()
         if server is not None:
-            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.stop, 45)
         await db.drop_database(settings.admin_url, url)
     intake = alone["transfers_per_second"]
     return {

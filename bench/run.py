@@ -55,9 +55,10 @@ from pathlib import Path
 
 from service import db
 from service.config import Config
+from service.processes import Process
 
 from . import database, execution, load, report, system
-from .server import ROOT, Profiler, Server, py_spy
+from .server import ROOT, Profiler, py_spy, service
 
 HOST = "127.0.0.1"
 DRAIN_TIMEOUT = 120.0
@@ -185,7 +186,7 @@ async def run_case(
     accounts: dict,
     url: str,
     clients: Clients,
-    server: Server,
+    server: Process,
     sampler: database.WaitSampler,
     profiler: Profiler | None,
 ) -> dict:
@@ -215,7 +216,7 @@ async def run_case(
     until = start_at + settings.seconds
     answers = [asyncio.ensure_future(clients.ask(p, "go", start_at)) for p in busy]
     waits = asyncio.ensure_future(sampler.sample(start_at, until))
-    service_pids = server.all_pids()
+    service_pids = set(server.pids())
     database_name = db.database_name(url)
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     before = system.snapshot(service_pids, clients.pids, database_name)
@@ -297,11 +298,10 @@ async def bench(settings: Settings) -> dict:
         print(f"database {db.database_name(url)}: migrating, opening {settings.accounts + 2} accounts", flush=True)
         accounts = await database.prepare(url, settings.accounts, random.randrange(10**6))
         document["postgres"] = await database.server_facts(url)
-        server = Server(
+        server = service(
             url, HOST, settings.port, settings.workers, settings.pool_max_size, settings.out / "service.log"
         )
-        server.start()
-        await server.wait_ready()
+        await asyncio.to_thread(server.start)
         clients = Clients(settings.clients)
         sampler = database.WaitSampler(url)
         await sampler.open()
@@ -345,7 +345,7 @@ async def bench(settings: Settings) -> dict:
         if clients is not None:
             await clients.stop()
         if server is not None:
-            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.stop, 45)
         if fresh and os.environ.get("BPS_BENCH_KEEP") != "1":
             await db.drop_database(settings.admin_url, url)
     document["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -374,7 +374,7 @@ def write(out: Path, stamp: str, document: dict) -> None:
         [
             f"# {title}",
             report.table(results),
-            "## Goals (issue 3)\n\n" + report.goals_text(document["goals"]),
+            "## Goals\n\n" + report.goals_text(document["goals"]),
             "## Where the time went (average cores; PostgreSQL's active backends by wait)\n\n"
             + report.resources_table(results),
         ]

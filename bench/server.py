@@ -1,89 +1,33 @@
-"""The service under test, started as `python -m service serve` with its own workers, and py-spy on them."""
+"""The service under test (`python -m service serve` with its own workers), and py-spy on them."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
-from .http import Connection
-from .payloads import health_request
-from .system import children_of
+from service.processes import Process
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class Server:
-    def __init__(self, url: str, host: str, port: int, workers: int, pool_max_size: int, log_path: Path) -> None:
-        self.url = url
-        self.host = host
-        self.port = port
-        self.workers = workers
-        self.pool_max_size = pool_max_size
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "DATABASE_URL": self.url,
-            "BPS_HOST": self.host,
-            "BPS_PORT": str(self.port),
-            "BPS_WORKERS": str(self.workers),
-            "BPS_POOL_MAX_SIZE": str(self.pool_max_size),
-            # Every connection is opened at start, not during the first case.
-            "BPS_POOL_MIN_SIZE": str(self.pool_max_size),
+def service(url: str, host: str, port: int, workers: int, pool_max_size: int, log_path: Path) -> Process:
+    """The service under test: every pool connection opened at start (not during the first case), no access log."""
+    return Process(
+        "serve",
+        {
+            "DATABASE_URL": url,
+            "BPS_HOST": host,
+            "BPS_WORKERS": str(workers),
+            "BPS_POOL_MAX_SIZE": str(pool_max_size),
+            "BPS_POOL_MIN_SIZE": str(pool_max_size),
             "BPS_ACCESS_LOG": "0",
-        }
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-
-    async def wait_ready(self, within: float = 60.0) -> None:
-        deadline = time.monotonic() + within
-        request = health_request(self.host, self.port)
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the service exited with {self.process.returncode}; see {self.log_path}")
-            connection = Connection(self.host, self.port)
-            try:
-                status, _ = await connection.request(request)
-                if status == 200 and len(self.worker_pids()) >= self.workers:
-                    return
-            except OSError:
-                pass
-            finally:
-                connection.close()
-            await asyncio.sleep(0.2)
-        raise RuntimeError(f"the service did not answer /health within {within}s; see {self.log_path}")
-
-    def worker_pids(self) -> list[int]:
-        """The processes that serve requests: the workers, or the parent itself when it is the only one."""
-        if self.workers <= 1:
-            return [self.process.pid]
-        return children_of(self.process.pid)
-
-    def all_pids(self) -> set[int]:
-        return {self.process.pid, *children_of(self.process.pid)}
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=45)
-        except subprocess.TimeoutExpired:
-            for pid in children_of(self.process.pid):
-                os.kill(pid, signal.SIGKILL)
-            self.process.kill()
-            self.process.wait()
+        },
+        port=port,
+        log=log_path,
+    )
 
 
 def py_spy() -> str | None:

@@ -41,16 +41,6 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / TICK
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in PROC.iterdir():
-        if entry.name.isdigit():
-            stat = _stat(entry.name)
-            if stat is not None and stat[0] == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def snapshot(service_pids: set[int], client_pids: set[int], database: str) -> dict[str, dict[int, float]]:
     """CPU seconds per process, grouped: service, client, pg (this database's backends), pg_shared."""
     groups: dict[str, dict[int, float]] = {"service": {}, "client": {}, "pg": {}, "pg_shared": {}}

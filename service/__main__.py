@@ -9,11 +9,8 @@ import logging
 import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 from aiohttp import web
 
@@ -21,6 +18,7 @@ from . import db, embedded, logs, metrics, rail_simulator
 from .app import create_app
 from .config import Config
 from .executor import Executor
+from .processes import Process
 from .rail import HttpRail
 
 log = logging.getLogger("bps")
@@ -102,46 +100,22 @@ async def execute(config: Config) -> None:
         await pool.close()
 
 
-def start_child(command: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "service", command], env={**os.environ, **env})
-
-
-def wait_healthy(url: str, process: subprocess.Popen, within: float = 30) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{url} exited with {process.returncode} while starting")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} did not answer within {within:.0f} s")
-
-
 def run(config: Config) -> None:
     """The HTTP service with the simulated rail and an executor beside it, until Ctrl+C stops all three."""
-    children: list[subprocess.Popen] = []
+    children: list[Process] = []
     env = {"DATABASE_URL": config.database_url, "BPS_SERVICE_DATABASE_URL": config.service_database_url}
     try:
         if config.rail_url is None:
-            rail = start_child("rail-simulator", env)
-            children.append(rail)
-            wait_healthy(simulated_rail_url(), rail)
+            rail = rail_simulator.Settings.from_env()
+            children.append(Process("rail-simulator", env, port=rail.port).start())
         if config.executor:
-            children.append(start_child("execute", env))
+            children.append(Process("execute", env).start())
         else:
             log.info("BPS_EXECUTOR is off: no executor runs; transfers stay pending")
         serve(config)
     finally:
         for child in children:
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            child.stop()
 
 
 def command(args: argparse.Namespace, config: Config, parser: argparse.ArgumentParser) -> None:
@@ -195,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("rail-simulator", help="serve the simulated payment rail on BPS_RAIL_HOST:BPS_RAIL_PORT")
     commands.add_parser("migrate", help="apply migrations and re-apply the sql/ functions")
     commands.add_parser(
-        "seed-demo", help="create the seed's demo account (ACME Corp) unless it exists, and print a new API key for it"
+        "seed-demo", help="create the demo account (ACME Corp) unless it exists, and print a new API key for it"
     )
     args = parser.parse_args(argv)
 

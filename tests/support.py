@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import secrets
-import signal
 import socket
-import subprocess
-import sys
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,8 +14,9 @@ from pathlib import Path
 import asyncpg
 
 from service import db
+from service.processes import Process
 
-# The sample requests of the seed and of the exercise brief, with their expected outcomes in the tests.
+# The sample requests of tests/data (the demo request, the API's examples); the tests hold their outcomes.
 DATA_DIR = Path(__file__).resolve().parent / "data"
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get("BPS_TEST_ADMIN_URL") or os.environ.get(
@@ -243,58 +239,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class ServiceProcess:
-    """`python -m service serve` in a subprocess; ready once aiohttp logs that it is running (no polling).
-    Everything it writes (stdout and stderr) is kept in `output`, line by line."""
-
-    def __init__(self, database_url: str, **env: str) -> None:
-        self.database_url = database_url
-        self.port = free_port()
-        self.env = env
-        self.process: subprocess.Popen | None = None
-        self.lines: queue.Queue = queue.Queue()
-        self.output: list[str] = []
-
-    def start(self, timeout: float = 30) -> None:
-        env = {
-            **os.environ,
-            "DATABASE_URL": self.database_url,
-            "BPS_PORT": str(self.port),
-            "BPS_WORKERS": "1",
-            **self.env,
-        }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines = queue.Queue()
-        threading.Thread(target=self._pump, args=(self.process, self.lines), daemon=True).start()
-        while True:
-            line = self.lines.get(timeout=timeout)  # raises queue.Empty when the server does not come up
-            if line is None:
-                raise RuntimeError(f"service exited with {self.process.wait()}")
-            if f"Running on http://127.0.0.1:{self.port}" in line:
-                return
-
-    def _pump(self, process: subprocess.Popen, lines: queue.Queue) -> None:
-        for line in process.stdout:
-            self.output.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    def kill9(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+def service_process(database_url: str, **env: str) -> Process:
+    """`python -m service serve` on a free port against `database_url` (one worker unless BPS_WORKERS says),
+    its output kept in `.output`: start() it, stop() it."""
+    return Process("serve", {"DATABASE_URL": database_url, **env}, port=free_port(), capture=True)

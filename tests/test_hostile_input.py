@@ -1,4 +1,4 @@
-"""The fast part of the reliability harness (issue 4): hostile input against a real service process, and a
+"""The fast part of the reliability harness: hostile input against a real service process, and a
 kill -9 under load. The long runs are `make reliability` (tests/reliability/).
 
 Properties: the service never answers a 5xx to any client input; a request that is not accepted never
@@ -20,8 +20,9 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from reliability import hostile
-from support import ServiceProcess as Server
-from support import random_iban
+from support import random_iban, service_process
+
+from service.processes import Process
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = int(os.environ.get("BPS_HOSTILE_EXAMPLES", "300"))
@@ -42,7 +43,7 @@ def create_account(db, balance_cents: int, name: str = "Hostile Corp") -> dict:
 
 @pytest.fixture(scope="module")
 def server(database_url: str):
-    server = Server(database_url)
+    server = service_process(database_url)
     server.start()
     yield server
     server.stop()
@@ -70,7 +71,7 @@ def keys(db, targets: list[dict]) -> list[hostile.Credential]:
     return hostile.credentials(db, [t["id"] for t in targets], create_account(db, 1_000)["id"])
 
 
-def check_one(server: Server, db, request: hostile.Hostile) -> None:
+def check_one(server: Process, db, request: hostile.Hostile) -> None:
     before = hostile.fingerprint(db)
     status, headers, body = hostile.send(server.port, request, timeout=10)
     problem = hostile.judge(request, status, headers, body, before, hostile.fingerprint(db))
@@ -151,7 +152,7 @@ def test_kill_9_under_load_each_request_once_and_whole(database_url: str, db) ->
         )
         for i in range(60)
     ]
-    server = Server(database_url)
+    server = service_process(database_url)
     server.start()
     answers: dict[int, tuple[int, dict]] = {}
     enough = threading.Event()

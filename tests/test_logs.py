@@ -13,7 +13,7 @@ import uuid
 
 import psycopg
 import pytest
-from support import ServiceProcess, create_database, drop_database
+from support import create_database, drop_database, service_process
 
 from service import db
 
@@ -91,7 +91,7 @@ def test_no_log_line_holds_a_key_or_personal_data_and_every_request_is_logged_by
             f"ALTER TABLE bps.transfers ADD CONSTRAINT quotes_the_row CHECK (description <> '{DESCRIPTION} (boom)')"
         )
 
-    service = ServiceProcess(database, BPS_LOG_LEVEL="debug", BPS_LOG_FORMAT=log_format, BPS_ACCESS_LOG="1")
+    service = service_process(database, BPS_LOG_LEVEL="debug", BPS_LOG_FORMAT=log_format, BPS_ACCESS_LOG="1")
     service.start()
     sent_ids: list[str] = []
     answered_ids: list[str] = []

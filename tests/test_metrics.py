@@ -9,14 +9,14 @@ import json
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import ServiceProcess, database_fixtures, request_for, transfer
+from support import database_fixtures, request_for, service_process, transfer
 
 database_url, service_url, pool, session_key = database_fixtures("module", "bps_metrics_test")
 
 
 @pytest.fixture(scope="module")
 def service(database_url: str):
-    process = ServiceProcess(database_url, BPS_WORKERS="2", BPS_ACCESS_LOG="0")
+    process = service_process(database_url, BPS_WORKERS="2", BPS_ACCESS_LOG="0")
     process.start()
     yield process
     process.stop()
