@@ -35,7 +35,7 @@ def _transfer(position: int) -> dict:
         "amount": AMOUNTS[position % len(AMOUNTS)],
         "currency": "EUR",
         "counterparty_name": f"Supplier {position % 997:05d}",
-        # A real IBAN, so that the rail executes the transfer; every twentieth is the seed's placeholder, which
+        # A real IBAN, so that the rail executes the transfer; every twentieth is the demo request's placeholder, which
         # the rail refuses (AC01) and BPS refunds.
         "counterparty_iban": "f" if position % 20 == 19 else "EE382200221020145685",
         "counterparty_bic": "CRLYFRPPTOU",

@@ -118,7 +118,7 @@ async def migrate(database_url: str) -> list[str]:
 
 
 async def seed_demo(database_url: str) -> tuple[bool, str]:
-    """Creates the seed's demo account unless it exists, and a new API key for it (the demo keys made
+    """Creates the demo account unless it exists, and a new API key for it (the demo keys made
     before are revoked). Returns whether the account was created, and the key: it is shown only now."""
     connection = await asyncpg.connect(database_url)
     try:

@@ -20,7 +20,7 @@ from support import (
     transfer,
 )
 
-EXERCISE_BALANCE = 10_000_000
+EXAMPLE_BALANCE = 10_000_000
 
 
 async def assert_consistent_journal(pool, account) -> None:
@@ -113,19 +113,19 @@ async def test_every_transfer_is_recorded_against_the_debited_account(client, ma
     assert body["transfers"] == [{"id": r["id"], "client_reference": r["client_reference"]} for r in listed]
 
 
-# The shared samples against the exercise's account of 10000000 cents
+# The sample requests against an account of 10000000 cents, as in the examples
 
 
 @pytest.mark.parametrize(
     ("name", "transfer_count", "total", "balance_after"),
     [
         ("sample1.json", 3, 6_225_150, 3_774_850),
-        ("seed-readme-request.json", 1, 70_000, 9_930_000),
-        ("current-brief-request.json", 1, 1_322, 9_998_678),
+        ("demo-request.json", 1, 70_000, 9_930_000),
+        ("example-request.json", 1, 1_322, 9_998_678),
     ],
 )
 async def test_accepted_sample_debits_its_total(client, make_account, pool, name, transfer_count, total, balance_after):
-    account = await make_account(EXERCISE_BALANCE, organization_name="ACME Corp")
+    account = await make_account(EXAMPLE_BALANCE, organization_name="ACME Corp")
 
     response = await client.post("/bulk_transfer", json=for_account(sample(name), account))
 
@@ -138,25 +138,25 @@ async def test_accepted_sample_debits_its_total(client, make_account, pool, name
 
 
 async def test_sample2_is_denied_for_funds_and_writes_nothing(client, make_account, pool):
-    account = await make_account(EXERCISE_BALANCE, organization_name="ACME Corp")
+    account = await make_account(EXAMPLE_BALANCE, organization_name="ACME Corp")
     before = await rows_of(pool, account)
 
     response = await client.post("/bulk_transfer", json=for_account(sample("sample2.json"), account))
 
-    await assert_insufficient_funds(response, EXERCISE_BALANCE, 10_648_216)
+    await assert_insufficient_funds(response, EXAMPLE_BALANCE, 10_648_216)
     assert await rows_of(pool, account) == before
 
 
 async def test_seed_readme_request_sent_again_is_409(client, make_account, pool):
-    account = await make_account(EXERCISE_BALANCE, organization_name="ACME Corp")
-    payload = for_account(sample("seed-readme-request.json"), account)
+    account = await make_account(EXAMPLE_BALANCE, organization_name="ACME Corp")
+    payload = for_account(sample("demo-request.json"), account)
 
     first = await client.post("/bulk_transfer", json=payload)
     again = await client.post("/bulk_transfer", json=payload)
 
     assert first.status == 201, await first.text()
     await assert_duplicate_of(again, (await first.json())["bulk_transfer_id"])
-    assert await balance_of(pool, account) == EXERCISE_BALANCE - 70_000
+    assert await balance_of(pool, account) == EXAMPLE_BALANCE - 70_000
 
 
 # The journal

@@ -22,7 +22,7 @@ from service.executor import Executor
 from service.rail import HttpRail
 
 VALID = ("DE89370400440532013000", "COBADEFFXXX")  # executed
-BAD_IBAN = ("f", "COBADEFFXXX")  # AC01, as the seed's placeholder
+BAD_IBAN = ("f", "COBADEFFXXX")  # AC01, as the demo request's placeholder IBAN
 BAD_BIC = ("DE89370400440532013000", "e")  # RC01
 FINAL = ("executed", "failed", "cancelled")
 REQUESTS = itertools.count()  # makes every payload unique: identical ones would be duplicates

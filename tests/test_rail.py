@@ -48,11 +48,11 @@ async def submit(rail, payments: list[dict]) -> dict[str, tuple]:
     [
         (VALID_IBAN, VALID_BIC, ("executed", None)),
         ("DE89 3704 0044 0532 0130 00", VALID_BIC, ("executed", None)),
-        ("f", VALID_BIC, ("failed", "AC01")),  # the seed's placeholder
+        ("f", VALID_BIC, ("failed", "AC01")),  # the demo request's placeholder
         ("DE89370400440532013001", VALID_BIC, ("failed", "AC01")),  # mod 97
         ("DE8937040044053201300", VALID_BIC, ("failed", "AC01")),  # the country's length
         ("XX89370400440532013000", VALID_BIC, ("failed", "AC01")),  # no such country
-        (VALID_IBAN, "e", ("failed", "RC01")),  # the seed's placeholder
+        (VALID_IBAN, "e", ("failed", "RC01")),  # the demo request's placeholder
         (VALID_IBAN, "COBADEFF", ("executed", None)),
         (VALID_IBAN, "COBA1EFFXXX", ("failed", "RC01")),
         ("f", "e", ("failed", "AC01")),

@@ -1,4 +1,4 @@
-"""The reliability harness of issue 4: `python -m tests.reliability` (what `make reliability` runs).
+"""The reliability harness: `python -m tests.reliability` (what `make reliability` runs).
 
 Phases, each against service processes it starts on a throwaway PostgreSQL cluster of its own:
 soak (many clients, a mixed load, several service processes), crash (kill -9 of service processes under

@@ -48,7 +48,8 @@ async def check_database(
     *,
     everyone_answered: bool,
 ) -> None:
-    """Every database invariant of the issue, plus: what the clients were told agrees with the database.
+    """Every database invariant (balances, journal, no partial request, each key once), plus: what the
+    clients were told agrees with the database.
 
     `requests` maps each rid to its original request, `sent` lists every logical send (duplicates and
     retries of a rid included). With `everyone_answered` (no faults), the set of requests in the database
