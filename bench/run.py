@@ -23,7 +23,7 @@ Environment (all optional):
   BPS_BENCH_BATCHES        transfers per request (default 1,10,100,1000,10000)
   BPS_BENCH_CONCURRENCY    concurrent clients (default 1,4,16)
   BPS_BENCH_CASES          which cases to run (default health,floor,many,hot,xml)
-  BPS_BENCH_WORKERS        service worker processes (default 2)
+  BPS_BENCH_WORKERS        service worker processes (default: the service's own, one per core)
   BPS_BENCH_POOL_MAX_SIZE  database connections per worker (default: the service's own default)
   BPS_BENCH_ACCOUNTS       accounts for the many-accounts cases (default 1000)
   BPS_BENCH_CLIENTS        load generator processes (default 1)
@@ -107,7 +107,7 @@ class Settings:
             batches=_ints(env.get("BPS_BENCH_BATCHES") or "1,10,100,1000,10000"),
             concurrency=concurrency,
             cases=[c.strip() for c in (env.get("BPS_BENCH_CASES") or "health,floor,many,hot,xml").split(",")],
-            workers=int(env.get("BPS_BENCH_WORKERS") or 2),
+            workers=int(env.get("BPS_BENCH_WORKERS") or Config().workers),
             pool_max_size=int(env.get("BPS_BENCH_POOL_MAX_SIZE") or Config().pool_max_size),
             accounts=int(env.get("BPS_BENCH_ACCOUNTS") or 1000),
             clients=int(env.get("BPS_BENCH_CLIENTS") or 1),

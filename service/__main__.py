@@ -16,7 +16,7 @@ from aiohttp import web
 
 from . import db, embedded, logs, metrics, rail_simulator
 from .app import create_app
-from .config import Config
+from .config import Config, cores
 from .executor import Executor
 from .processes import Process
 from .rail import HttpRail
@@ -138,12 +138,16 @@ def command(args: argparse.Namespace, config: Config, parser: argparse.ArgumentP
         print(f"\nThe demo account's API key (shown only now):\n\n    export BPS_API_KEY={key}\n", flush=True)
     if args.command in ("serve", "run") and config.service_database_url is None:
         config = dataclasses.replace(config, service_database_url=asyncio.run(db.login_url(config.database_url)))
-    if args.command == "serve":
-        log.info("serving on http://%s:%d with %d worker(s)", config.host, config.port, config.workers)
-        serve(config)
-    elif args.command == "run":
-        log.info("serving on http://%s:%d with %d worker(s)", config.host, config.port, config.workers)
-        run(config)
+    if args.command in ("serve", "run"):
+        log.info(
+            "serving on http://%s:%d: %d worker(s) x %d database connection(s), on %d core(s)",
+            config.host,
+            config.port,
+            config.workers,
+            config.pool_max_size,
+            cores(),
+        )
+        (serve if args.command == "serve" else run)(config)
     elif args.command == "execute":
         import gc
 

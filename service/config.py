@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 
 MIB = 1024 * 1024
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container's cpuset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -17,7 +23,8 @@ class Config:
     service_database_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
-    workers: int = 1
+    # One worker process per core: a worker is one event loop, and the JSON it relays costs CPU (docs/performance.md).
+    workers: int = dataclasses.field(default_factory=cores)
     pool_min_size: int = 2
     # Per worker. About the database's cores divided by the workers: beyond that, requests wait on
     # PostgreSQL's locks and CPU instead of queueing cheaply here (make bench, 2 workers on 2 cores: one hot
