@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import dataclass
 
 MIB = 1024 * 1024
