@@ -1,4 +1,4 @@
--- The payload rules of CONTRACT.md section 1, one small function per rule. Each *_problem function
+-- The payload rules (docs/api.md, validation), one small function per rule. Each *_problem function
 -- returns a machine-readable code, or NULL when the value is fine; bps.bulk_transfer's fast path and its
 -- detailed error list are two aggregations over these same functions, so every rule is written once.
 
@@ -10,7 +10,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
                         '\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000')
 $$;
 
--- The longest text each field may hold (CONTRACT.md section 1).
+-- The longest text each field may hold (docs/api.md).
 CREATE OR REPLACE FUNCTION bps.field_max_length(field text) RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE field

@@ -1,5 +1,5 @@
--- bps.bulk_transfer: the product. Every rule of CONTRACT.md sections 1 to 3, in the order of
--- ARCHITECTURE.md, in one transaction: validate, find the account, settle duplicates and idempotency,
+-- bps.bulk_transfer: the product. Every rule of the intake (docs/api.md), in the order of docs/design.md,
+-- in one transaction: validate, find the account, settle duplicates and idempotency,
 -- check the balance, write the whole request, debit. Returns the HTTP status and body.
 
 -- The insufficient_funds problem, with the figures a client needs to top up.

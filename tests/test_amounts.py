@@ -1,4 +1,4 @@
-"""CONTRACT section 1, amounts: strings of the full amount, converted to exact cents, every bad form rejected."""
+"""Amounts: strings of the full amount, converted to exact cents, every bad form rejected."""
 
 from __future__ import annotations
 

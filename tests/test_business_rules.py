@@ -1,4 +1,4 @@
-"""CONTRACT section 2: one account debited by exactly the total, or the whole request denied and nothing written;
+"""Business rules: one account debited by exactly the total, or the whole request denied and nothing written;
 under concurrency and when a database session dies mid-request too. The shared samples with their outcomes."""
 
 from __future__ import annotations

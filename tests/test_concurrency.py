@@ -1,4 +1,4 @@
-"""Many clients at once: the invariants of CONTRACT.md sections 2 and 3, checked from the database afterwards.
+"""Many clients at once: the invariants of the money and of idempotency, checked from the database afterwards.
 
 Requests go through both doors: SQL straight to bps.bulk_transfer over the 20-connection `pool` (a DBA, or
 another service process) and HTTP through the app. Where the interleaving matters, the account's row is
@@ -233,7 +233,7 @@ async def assert_all_or_nothing(
     outcomes: list[Outcome],
     credited_cents: int = 0,
 ) -> int:
-    """Every CONTRACT section 2 invariant for one account; returns its final balance."""
+    """Every money invariant for one account; returns its final balance."""
     accepted: dict[str, tuple[Request, Outcome]] = {}
     rejected: list[Request] = []
     for request, outcome in zip(requests, outcomes, strict=True):

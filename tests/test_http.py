@@ -1,4 +1,4 @@
-"""CONTRACT section 4: both paths, the 201 answer, and every row of the error table over HTTP."""
+"""HTTP: both paths, the 201 answer, and every row of the error table over HTTP."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CONTRACT section 3: duplicate payloads without a key (409), and Idempotency-Key replays."""
+"""Duplicate payloads without a key (409), and Idempotency-Key replays."""
 
 from __future__ import annotations
 

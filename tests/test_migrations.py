@@ -1,5 +1,5 @@
 """The schema from zero: what the migrations build, that migrating again changes nothing, that 0001 rolls back,
-and that functions come only from sql/ (ARCHITECTURE.md: migrations hold tables, never functions).
+and that functions come only from sql/ (migrations hold tables, never functions: docs/design.md).
 
 Each test works in empty databases of its own (create_database), dropped afterwards.
 """
@@ -18,8 +18,8 @@ from yoyo import get_backend, read_migrations
 
 from service import db
 
-# CONTRACT.md section 5: the columns a DBA may read, with the types the code relies on.
-CONTRACT_COLUMNS = {
+# The columns a DBA may read (docs/sql.md), with the types the code relies on.
+DBA_COLUMNS = {
     "bank_accounts": {
         "id": "bigint",
         "organization_name": "text",
@@ -217,7 +217,7 @@ async def test_migrating_from_zero_creates_the_contract_tables_and_columns(conne
     found: dict[str, dict[str, str]] = {}
     for row in rows:
         found.setdefault(row["table_name"], {})[row["column_name"]] = row["data_type"]
-    for table, columns in CONTRACT_COLUMNS.items():
+    for table, columns in DBA_COLUMNS.items():
         assert table in found, f"bps.{table} is missing"
         for column, data_type in columns.items():
             assert column in found[table], f"bps.{table}.{column} is missing"

@@ -1,4 +1,4 @@
-"""CONTRACT section 1, input rules: required fields, types, lengths, unknown keys, organization name, currency,
+"""Input rules: required fields, types, lengths, unknown keys, organization name, currency,
 counterparty checking. Every rejection is a 422 validation_failed listing every problem, and changes nothing."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
--- The schema objects CONTRACT.md section 5 promises a DBA, and the constraints that guard the money.
+-- The schema objects docs/sql.md promises a DBA, and the constraints that guard the money.
 BEGIN;
 SELECT plan(42);
 

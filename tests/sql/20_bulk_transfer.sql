@@ -1,4 +1,4 @@
--- bps.bulk_transfer called as a DBA would: the outcomes of CONTRACT.md sections 2 and 4, status and body.
+-- bps.bulk_transfer called as a DBA would: every outcome of docs/api.md, status and body.
 BEGIN;
 SELECT plan(51);
 

@@ -1,4 +1,4 @@
--- The amount rules of CONTRACT.md section 1: exact conversions to cents, and every rejected spelling.
+-- The amount rules: exact conversions to cents, and every rejected spelling.
 BEGIN;
 SELECT plan(9);
 

@@ -1,4 +1,4 @@
--- CONTRACT.md section 3: duplicates without a key (409), and Idempotency-Key replays.
+-- Duplicates without a key (409), and Idempotency-Key replays.
 BEGIN;
 SELECT plan(37);
 
