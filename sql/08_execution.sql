@@ -17,6 +17,7 @@ RETURNS TABLE (run_id bigint, attempt integer, recovering boolean, transfer_id b
 LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
+SET jit = off
 AS $$
 DECLARE
     budget    integer := max_transfers;
@@ -127,6 +128,7 @@ CREATE OR REPLACE FUNCTION bps.refund_transfers(transfer_ids bigint[]) RETURNS v
 LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
+SET jit = off
 AS $$
 BEGIN
     IF coalesce(cardinality(transfer_ids), 0) = 0 THEN
@@ -172,6 +174,7 @@ RETURNS integer
 LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
+SET jit = off
 AS $$
 DECLARE
     live             bigint[];
@@ -305,6 +308,7 @@ CREATE OR REPLACE FUNCTION bps.cancel_bulk_transfer(bulk_transfer_id bigint, ban
 LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
+SET jit = off
 AS $$
 DECLARE
     bulk      bps.bulk_transfers;

@@ -8,6 +8,7 @@ RETURNS SETOF record
 LANGUAGE sql STABLE
 -- Index scans: the partial indexes of pending bulk transfers and open runs hold only what is in flight.
 SET enable_seqscan = off
+SET jit = off
 AS $$
     WITH pending AS (
         SELECT b.pending_count, b.execute_on <= bps.today() AS due,

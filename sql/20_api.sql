@@ -91,7 +91,7 @@ CREATE OR REPLACE FUNCTION bps_api.get_payment_status_report(api_key text, bulk_
                                                              OUT body jsonb, OUT bank_account_id bigint,
                                                              OUT api_key_id bigint, OUT document text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+SET enable_seqscan = off SET jit = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     access record;
 BEGIN
@@ -120,7 +120,7 @@ CREATE OR REPLACE FUNCTION bps_api.get_bulk_transfer(api_key text, bulk_transfer
                                                      OUT body jsonb, OUT bank_account_id bigint,
                                                      OUT api_key_id bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+SET enable_seqscan = off SET jit = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     access record;
 BEGIN
@@ -183,7 +183,7 @@ CREATE OR REPLACE FUNCTION bps_api.list_bulk_transfers(api_key text, query jsonb
                                                        OUT bank_account_id bigint, OUT api_key_id bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Index scans, planned once per connection: a plan cached while a table was small must not stay a scan.
-SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+SET enable_seqscan = off SET jit = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     access record;
     errors jsonb;
@@ -213,7 +213,7 @@ CREATE OR REPLACE FUNCTION bps_api.cancel_bulk_transfer(api_key text, bulk_trans
                                                         OUT body jsonb, OUT bank_account_id bigint,
                                                         OUT api_key_id bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+SET enable_seqscan = off SET jit = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     access record;
 BEGIN
@@ -237,7 +237,7 @@ $$;
 CREATE OR REPLACE FUNCTION bps_api.get_transfer(api_key text, transfer_id text, OUT status integer, OUT body jsonb,
                                                 OUT bank_account_id bigint, OUT api_key_id bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+SET enable_seqscan = off SET jit = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     access record;
 BEGIN
@@ -260,7 +260,7 @@ $$;
 CREATE OR REPLACE FUNCTION bps_api.list_accounts(api_key text, OUT status integer, OUT body jsonb,
                                                  OUT bank_account_id bigint, OUT api_key_id bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+SET enable_seqscan = off SET jit = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     access record;
 BEGIN
@@ -281,7 +281,7 @@ CREATE OR REPLACE FUNCTION bps_api.list_account_entries(api_key text, account te
                                                         OUT status integer, OUT body jsonb,
                                                         OUT bank_account_id bigint, OUT api_key_id bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+SET enable_seqscan = off SET jit = off SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     access record;
     errors jsonb;
