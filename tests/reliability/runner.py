@@ -26,13 +26,13 @@ from service import access as service_access
 from service import db
 from service.processes import Process
 
-from . import abuse, hostile
+from . import abuse, fuzz, hostile
 from .checks import Check, Checks, check_answers, check_database
 from .cluster import Cluster, free_port
 from .execution import check_execution, wait_final
 from .workload import CRASH_MIX, Account, Clients, Generator, Mix, Stats
 
-PHASES = ("soak", "access", "crash", "dbfault", "hostile", "exec-crash", "rail-fault", "exec-dbfault")
+PHASES = ("soak", "access", "crash", "dbfault", "hostile", "fuzz", "exec-crash", "rail-fault", "exec-dbfault")
 # The least a run must have to count as the proof; a smaller run is reported as a try-out.
 PROOF_MINIMUMS = {
     "clients": 64,
@@ -40,6 +40,7 @@ PROOF_MINIMUMS = {
     "kills": 20,
     "db_restarts": 3,
     "hostile": 10_000,
+    "fuzz_seconds": 300,
     "executor_kills": 20,
     "rail_kills": 2,
 }
@@ -81,6 +82,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--db-down-seconds", type=float, default=env("db_down_seconds", 2.0))
     p.add_argument("--hostile", type=int, default=env("hostile", 10_000), help="hypothesis examples")
     p.add_argument(
+        "--fuzz-seconds", type=float, default=env("fuzz_seconds", 300.0), help="the schema-driven fuzz's duration"
+    )
+    p.add_argument(
         "--access-requests", type=int, default=env("access_requests", 20_000), help="HTTP requests of the access phase"
     )
     p.add_argument(
@@ -116,6 +120,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             crash_requests=1_000,
             db_restarts=1,
             hostile=300,
+            fuzz_seconds=20.0,
             access_requests=2_000,
             attackers=4,
             executor_kills=6,
@@ -918,6 +923,51 @@ async def rail_fault(run: Run) -> None:
     await execution(run, "rail-fault")
 
 
+async def fuzz_phase(run: Run) -> None:
+    """schemathesis against a real service from the document it serves (tests/reliability/fuzz.py): every
+    operation's examples, generated valid and invalid cases and link sequences, for --fuzz-seconds."""
+    args = run.args
+    started = time.monotonic()
+    checks = Checks("fuzz")
+    url = await new_database(run, "bps_fuzz")
+    connection = await asyncpg.connect(url)
+    try:
+        name, iban, bic = fuzz.EXAMPLE_ACCOUNT
+        account = await connection.fetchval(
+            "SELECT bps.create_bank_account($1, $2, $3, $4)", name, iban, bic, 10_000_000_000
+        )
+        key = await connection.fetchval("SELECT bps.create_api_key(ARRAY[$1::bigint], 'fuzz')", account)
+    finally:
+        await connection.close()
+    (service,) = run.new_services(url, 1, 1, "fuzz")
+    await start_services([service])
+    result = await asyncio.to_thread(fuzz.run_fuzz, service.url, key, args.fuzz_seconds, args.seed)
+    service.stop()
+    (run.logs / "fuzz.txt").write_text(fuzz.summary(result))
+    checks.add(f"schemathesis: no 5xx ({result['requests']} requests)", result["requests"],
+               [f"{result['server_errors']} 5xx seen, {result['served_5xx']} counted by /metrics"]
+               if result["server_errors"] or result["served_5xx"] else [])  # fmt: skip
+    checks.add("schemathesis: every answer as the document describes", result["cases"],
+               [str(f) for f in result["failures"]][:8] if result["violations"] else [])  # fmt: skip
+    checks.add("schemathesis ran without errors", result["cases"], [str(e) for e in result["errors"]])
+    run.checks += checks.items
+    run.figures.append(
+        {
+            "phase": "fuzz",
+            "http requests": result["served"],
+            "logical requests": result["requests"],
+            "accepted (201)": result["statuses"].get(201, result["statuses"].get("201", 0)),
+            "no answer (conn)": 0,
+            "503": result["statuses"].get(503, result["statuses"].get("503", 0)),
+            "gave up": 0,
+            "faults injected": f"{result['cases']} cases, {result['link_steps']} link steps",
+            "p50/p99 s": "-",
+            "seconds": round(time.monotonic() - started, 1),
+            "note": f"statuses {result['statuses']}; violations {result['violations']}",
+        }
+    )
+
+
 async def exec_dbfault(run: Run) -> None:
     await execution(run, "exec-dbfault")
 
@@ -928,6 +978,7 @@ PHASE_FUNCTIONS = {
     "crash": crash,
     "dbfault": dbfault,
     "hostile": hostile_phase,
+    "fuzz": fuzz_phase,
     "exec-crash": exec_crash,
     "rail-fault": rail_fault,
     "exec-dbfault": exec_dbfault,
