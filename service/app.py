@@ -89,11 +89,15 @@ UNAUTHORIZED_DETAIL = (
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="bps"'}
 ACCEPTED_ENCODINGS = ("identity", "gzip")
 
-# What the database says when it is down, restarting, full, or too slow: the client should retry.
+# What the database says when it is down, restarting, full, or too slow: the client should retry. Also a node
+# that is still read-only as a failover promotes it (25006: HAProxy may route to it a moment early), and a
+# connection asyncpg left mid-operation when its node died (fetch closes it).
 UNAVAILABLE = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.ReadOnlySQLTransactionError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
@@ -156,7 +160,11 @@ async def fetch(request: web.Request, sql: str, *args) -> asyncpg.Record | None:
         waited = perf_counter()
         async with request.app[POOL].acquire(timeout=request.app[CONFIG].pool_timeout_seconds) as connection:
             metrics.pool_acquire.observe(perf_counter() - waited)
-            return await connection.fetchrow(sql, *args)
+            try:
+                return await connection.fetchrow(sql, *args)
+            except asyncpg.InternalClientError:
+                connection.terminate()  # (as db.connection_of does; inline on the hot path)
+                raise
     except UNAVAILABLE:
         metrics.database_errors.labels("unavailable").inc()
         return None
@@ -379,7 +387,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     try:
-        async with request.app[POOL].acquire(timeout=2) as connection:
+        async with db.connection_of(request.app[POOL], within=2) as connection:
             await connection.fetchval("SELECT 1", timeout=2)
     except UNAVAILABLE:
         return unavailable(request)
@@ -434,7 +442,7 @@ async def problem_middleware(request: web.Request, handler) -> web.StreamRespons
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: every worker's counts and the database's figures (without them while it is down)."""
     try:
-        async with request.app[POOL].acquire(timeout=2) as connection:
+        async with db.connection_of(request.app[POOL], within=2) as connection:
             rows = await connection.fetch(METRICS_SQL, timeout=5)
         up = 1
     except UNAVAILABLE:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -193,6 +194,19 @@ async def login_url(owner_url: str, purpose: str = "service") -> str:
 
 def database_name(url: str) -> str:
     return urlsplit(url).path.lstrip("/")
+
+
+@contextlib.asynccontextmanager
+async def connection_of(pool: asyncpg.Pool, within: float | None = None):
+    """A connection of `pool`, for one use. A connection asyncpg left mid-operation (InternalClientError
+    "another operation is in progress", seen when a database node dies or is switched over under it) is
+    closed, never handed out again."""
+    async with pool.acquire(timeout=within) as connection:
+        try:
+            yield connection
+        except asyncpg.InternalClientError:
+            connection.terminate()
+            raise
 
 
 async def create_database(admin_url: str, prefix: str) -> str:

@@ -385,6 +385,19 @@ async def test_bulk_transfer_lookup_is_503_when_the_database_is_unreachable(unre
     await assert_unavailable(await unreachable_client.get("/bulk_transfers/1"))
 
 
+async def test_a_database_still_read_only_is_503_and_nothing_is_written(make_client, config, make_account, pool):
+    """A node that is still read-only (a standby a failover is promoting, reached a moment early): 25006 is
+    an outage to retry, not a server error."""
+    sep = "&" if "?" in config.service_database_url else "?"
+    read_only = f"{config.service_database_url}{sep}default_transaction_read_only=on"
+    client = await make_client(dataclasses.replace(config, service_database_url=read_only))
+    account = await make_account(10_000)
+    payload = request_for(account, [transfer("1.00")])
+    before = await rows_of(pool, account)
+    await assert_unavailable(await client.post("/bulk_transfer", json=payload))
+    assert await rows_of(pool, account) == before
+
+
 async def test_overloaded_database_is_503_and_nothing_is_written(make_client, config, make_account, pool):
     """A request stuck behind a lock past the statement timeout is cancelled: 503, and no trace of it."""
     client = await make_client(dataclasses.replace(config, statement_timeout_ms=300))
