@@ -18,6 +18,7 @@ from . import db, embedded, logs, metrics, rail_simulator
 from .app import create_app
 from .config import Config, cores
 from .executor import Executor
+from .metrics import ExecutorMetrics
 from .processes import Process
 from .rail import HttpRail
 
@@ -86,10 +87,15 @@ async def execute(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    executor_metrics = ExecutorMetrics()
+    if config.executor_metrics_port is not None:
+        executor_metrics.serve(config.host, config.executor_metrics_port)
+        log.info("executor metrics on http://%s:%d/metrics", config.host, config.executor_metrics_port)
     try:
         await Executor(
             pool,
             rail,
+            metrics=executor_metrics,
             batch=config.executor_batch,
             concurrency=config.executor_concurrency,
             lease_seconds=config.executor_lease_seconds,

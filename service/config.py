@@ -49,6 +49,7 @@ class Config:
     # Longer than the rail's timeout: a batch in hand is answered (or released) before its lease ends.
     executor_lease_seconds: float = 30.0
     executor_idle_poll_seconds: float = 1.0  # the longest wait between claims when there is nothing to do
+    executor_metrics_port: int | None = None  # GET /metrics of an executor, on BPS_HOST; unset: not served
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -89,4 +90,5 @@ class Config:
             executor_concurrency=get("BPS_EXECUTOR_CONCURRENCY", int, d.executor_concurrency),
             executor_lease_seconds=get("BPS_EXECUTOR_LEASE_SECONDS", float, d.executor_lease_seconds),
             executor_idle_poll_seconds=get("BPS_EXECUTOR_IDLE_POLL_SECONDS", float, d.executor_idle_poll_seconds),
+            executor_metrics_port=get("BPS_EXECUTOR_METRICS_PORT", int, d.executor_metrics_port),
         )

@@ -17,12 +17,15 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import timedelta
 
 import asyncpg
 
+from . import db
+from .metrics import ExecutorMetrics
 from .rail import Outcome, Payment, Rail, RailError
 
 log = logging.getLogger("bps.executor")
@@ -31,7 +34,15 @@ CLAIM_SQL = "SELECT * FROM bps_executor.claim_transfers($1, $2, $3)"
 SETTLE_SQL = "SELECT bps_executor.settle_transfers($1, $2, $3, $4, $5)"
 RELEASE_SQL = "SELECT bps_executor.release_runs($1, $2, $3)"
 
-DATABASE_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# Errors that leave the database's state as it was: retried (a connection asyncpg left mid-operation, as when
+# a node dies under it, is closed by db.connection_of).
+DATABASE_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 def executor_name() -> str:
@@ -50,6 +61,7 @@ class Executor:
         lease_seconds: float = 30.0,
         idle_poll_seconds: float = 0.05,
         idle_poll_max_seconds: float = 1.0,
+        metrics: ExecutorMetrics | None = None,
     ) -> None:
         self.pool = pool
         self.rail = rail
@@ -59,6 +71,7 @@ class Executor:
         self.lease = timedelta(seconds=lease_seconds)
         self.idle_poll = idle_poll_seconds
         self.idle_poll_max = idle_poll_max_seconds
+        self.metrics = metrics or ExecutorMetrics()
         self.settled = 0  # transfers this executor settled
         self.rail_failures = 0
 
@@ -73,6 +86,7 @@ class Executor:
             try:
                 done = await self.once()
             except DATABASE_ERRORS as error:
+                self.metrics.database_errors.inc()
                 log.warning("executor %s: database unavailable (%s); retrying", self.name, type(error).__name__)
                 done = 0
                 idle = self.idle_poll_max
@@ -87,10 +101,11 @@ class Executor:
 
     async def once(self) -> int:
         """Claims one batch and takes it to the rail and back; returns how many transfers it claimed."""
-        async with self.pool.acquire() as connection:
+        async with db.connection_of(self.pool) as connection:
             claimed = await connection.fetch(CLAIM_SQL, self.name, self.batch, self.lease)
         if not claimed:
             return 0
+        self.metrics.claimed.inc(len(claimed))
         attempts = {row["run_id"]: row["attempt"] for row in claimed}
         outcomes: dict[int, Outcome] = {}
         failed_runs: dict[int, str] = {}
@@ -99,14 +114,14 @@ class Executor:
         if recovering:
             # A run taken over: its transfers may have reached the rail already. Ask before anything else.
             try:
-                outcomes.update(await self.rail.lookup([row["transfer_id"] for row in recovering]))
+                outcomes.update(await self.call_rail("lookup", [row["transfer_id"] for row in recovering]))
             except RailError as error:
                 failed_runs.update({row["run_id"]: str(error) for row in recovering})
 
         to_send = [row for row in claimed if row["transfer_id"] not in outcomes and row["run_id"] not in failed_runs]
         if to_send:
             try:
-                outcomes.update(await self.rail.submit([payment_of(row) for row in to_send]))
+                outcomes.update(await self.call_rail("submit", [payment_of(row) for row in to_send]))
             except RailError as error:
                 self.rail_failures += 1
                 failed_runs.update({row["run_id"]: str(error) for row in to_send})
@@ -118,10 +133,24 @@ class Executor:
             errors = defaultdict(list)
             for run_id in unanswered:
                 errors[failed_runs.get(run_id, "the rail did not answer for every payment")].append(run_id)
-            async with self.pool.acquire() as connection:
+            self.metrics.released.inc(len(unanswered))
+            async with db.connection_of(self.pool) as connection:
                 for error, run_ids in errors.items():
                     await connection.fetchval(RELEASE_SQL, run_ids, [attempts[r] for r in run_ids], error)
         return len(claimed)
+
+    async def call_rail(self, operation: str, items: list) -> dict[int, Outcome]:
+        """The rail's submit or lookup, counted and timed."""
+        started = time.perf_counter()
+        try:
+            outcomes = await getattr(self.rail, operation)(items)
+        except RailError:
+            self.metrics.rail_calls.labels(operation, "error").inc()
+            raise
+        finally:
+            self.metrics.rail_seconds.labels(operation).observe(time.perf_counter() - started)
+        self.metrics.rail_calls.labels(operation, "ok").inc()
+        return outcomes
 
     async def settle(self, attempts: dict[int, int], answered: list, outcomes: dict[int, Outcome]) -> None:
         if not answered:
@@ -139,11 +168,13 @@ class Executor:
         # run out and another attempt asks the rail again, which answers the same.
         for attempt in range(5):
             try:
-                async with self.pool.acquire() as connection:
+                async with db.connection_of(self.pool) as connection:
                     settled = await connection.fetchval(SETTLE_SQL, *arguments)
                 # (Added after the await: `self.settled += await ...` reads the count before the await, and
                 # loses what the executor's other workers add meanwhile.)
                 self.settled += settled
+                for outcome, count in Counter(outcomes[i] for i in ids).items():
+                    self.metrics.outcomes.labels(outcome.status, outcome.reason or "").inc(count)
                 return
             except DATABASE_ERRORS:
                 if attempt == 4:

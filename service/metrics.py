@@ -102,6 +102,56 @@ class Metrics:
         return generate_latest(registry) + database_text(database_rows).encode()
 
 
+class ExecutorMetrics:
+    """An executor's counts, served on BPS_EXECUTOR_METRICS_PORT (each executor process its own: a scraper
+    sums them). What the rail decided, how the calls to it went, and what went back unanswered."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.claimed = Counter(
+            "bps_executor_claimed_transfers",
+            "Transfers claimed for the rail (a run taken over after its lease lapsed counts again).",
+            registry=self.registry,
+        )
+        self.outcomes = Counter(
+            "bps_executor_outcomes",
+            "Transfers the rail answered for, once settled: executed, or failed with its ISO 20022 reason code.",
+            ["status", "reason"],
+            registry=self.registry,
+        )
+        self.rail_calls = Counter(
+            "bps_executor_rail_calls",
+            "Calls to the rail by operation (submit, lookup) and result (ok, error: a timeout or an error status).",
+            ["operation", "result"],
+            registry=self.registry,
+        )
+        self.rail_seconds = Histogram(
+            "bps_executor_rail_call_seconds",
+            "Time of a call to the rail, by operation.",
+            ["operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.released = Counter(
+            "bps_executor_released_runs",
+            "Runs given back without every answer (the rail failed or did not answer): retried after a back-off.",
+            registry=self.registry,
+        )
+        self.database_errors = Counter(
+            "bps_executor_database_errors",
+            "Claims or settles that failed because the database was unavailable (retried).",
+            registry=self.registry,
+        )
+
+    def serve(self, host: str, port: int) -> None:
+        """GET /metrics on host:port, from a thread of this process."""
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=host, registry=self.registry)
+
+
 def database_text(rows) -> str:
     """The database's figures (name, help, type, labels, value rows) in the exposition format."""
     lines, described = [], set()

@@ -13,12 +13,15 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator
 
+import aiohttp
 import asyncpg
 import pytest
-from support import migrated_database, random_iban
+from prometheus_client.parser import text_string_to_metric_families
+from support import free_port, migrated_database, random_iban
 
 from service import db, rail_simulator
 from service.executor import Executor
+from service.metrics import ExecutorMetrics
 from service.rail import HttpRail
 
 VALID = ("DE89370400440532013000", "COBADEFFXXX")  # executed
@@ -191,6 +194,36 @@ async def test_every_due_transfer_reaches_the_outcome_the_rail_decides(owner, ex
     after = await owner.fetchval("SELECT balance_cents FROM bps.bank_accounts WHERE id = $1", account_id)
     assert after == before + 200  # the two refused transfers came back
     await assert_consistent(owner, rail, [bulk])
+
+
+async def test_an_executor_counts_what_the_rail_decided_on_its_metrics_port(owner, executor_pool, rail):
+    _, iban = await account(owner)
+    bulk = await accept(owner, iban, [VALID, BAD_IBAN, BAD_BIC, VALID])
+    metrics, port = ExecutorMetrics(), free_port()
+    metrics.serve("127.0.0.1", port)
+    async with executors(executor_pool, rail, metrics=metrics) as running:
+        await until_final(owner, [bulk])
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def total(name: str, **labels: str) -> float:
+        return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+    # What this executor settled, outcome by outcome (other tests' transfers may be among them).
+    assert total("bps_executor_outcomes_total") == running[0].settled >= 4
+    assert total("bps_executor_outcomes_total", status="executed") >= 2
+    assert total("bps_executor_outcomes_total", status="failed", reason="AC01") >= 1
+    assert total("bps_executor_outcomes_total", status="failed", reason="RC01") >= 1
+    assert total("bps_executor_claimed_transfers_total") >= running[0].settled
+    assert total("bps_executor_rail_calls_total", operation="submit", result="ok") >= 1
+    assert total("bps_executor_rail_call_seconds_count", operation="submit") >= 1
+    assert total("bps_executor_released_runs_total") == 0
 
 
 async def test_a_future_requested_execution_date_waits_for_its_day(owner, executor_pool, rail):
