@@ -1,0 +1,111 @@
+"""`python -m bench.function_ab REF [BATCH ...]`: the backend CPU of one bps.bulk_transfer call, at git
+revision REF against the working tree, in interleaved rounds on one machine.
+
+It makes two fresh databases (BPS_BENCH_ADMIN_URL's server), migrates both with this tree's migrations and
+functions, then re-applies REF's sql/ files to the first, so the two differ only in their functions. Each
+round calls bps.bulk_transfer N times per database on one connection (each call its own transaction,
+synchronous_commit off so no WAL flush is timed) and reads the backend's CPU time (utime + stime from
+/proc, so the server must run on this machine) before and after. CPU time, not a rate: on a busy machine
+it is what moves least. It prints the fastest round per side and their ratio. Databases dropped at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import psycopg
+
+from service import db
+
+from . import database
+
+ROUNDS = 5
+CALLS = {1: 3000, 10: 1500, 100: 400, 1000: 60}
+ACCOUNT = ("ACME Corp", "FR10474608000002006107XXXXX", "OIVUSCLQXXX")
+
+
+def payload(batch: int, tag: str) -> str:
+    name, iban, bic = ACCOUNT
+    transfers = [
+        {
+            "amount": f"1.{i % 100:02d}",
+            "counterparty_name": "Bip Bip",
+            "counterparty_iban": "FR7630006000011234567890189",
+            "counterparty_bic": "CRLYFRPPTOU",
+            "description": "Wonderland/4410",
+            "client_reference": f"{tag}-{i}",
+        }
+        for i in range(batch)
+    ]
+    return json.dumps(
+        {"organization_name": name, "organization_iban": iban, "organization_bic": bic, "credit_transfers": transfers}
+    )
+
+
+def backend_cpu(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def make_database(admin_url: str, ref: str | None) -> str:
+    url = asyncio.run(db.create_database(admin_url, "bps_function_ab"))
+    asyncio.run(db.migrate(url))
+    with psycopg.connect(url, autocommit=True) as connection:
+        if ref is not None:
+            files = subprocess.run(
+                ["git", "ls-tree", "--name-only", ref, "sql/"], capture_output=True, text=True, check=True
+            ).stdout.split()
+            for path in sorted(files):
+                text = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True, check=True)
+                connection.execute(text.stdout)
+        connection.execute("SELECT bps.create_bank_account(%s, %s, %s, 900000000000000)", ACCOUNT)
+    return url
+
+
+def per_call_microseconds(url: str, batch: int, calls: int) -> float:
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("SET synchronous_commit = off")
+        pid = connection.execute("SELECT pg_backend_pid()").fetchone()[0]
+        bodies = [payload(batch, uuid.uuid4().hex) for _ in range(calls + 20)]
+        for body in bodies[:20]:  # plans cached, caches warm
+            connection.execute("SELECT status FROM bps.bulk_transfer(%s::jsonb)", (body,))
+        before = backend_cpu(pid)
+        for body in bodies[20:]:
+            status = connection.execute("SELECT status FROM bps.bulk_transfer(%s::jsonb)", (body,)).fetchone()[0]
+            if status != 201:
+                raise SystemExit(f"bps.bulk_transfer answered {status}")
+        return (backend_cpu(pid) - before) / calls * 1e6
+
+
+def main(argv: list[str]) -> None:
+    if not argv:
+        raise SystemExit(__doc__)
+    ref, batches = argv[0], [int(b) for b in argv[1:]] or [1, 100, 1000]
+    admin_url = os.environ.get("BPS_BENCH_ADMIN_URL") or database.ADMIN_URL
+    urls = {}
+    try:
+        urls = {"ref": make_database(admin_url, ref), "tree": make_database(admin_url, None)}
+        for batch in batches:
+            calls = CALLS.get(batch, max(20, 60_000 // batch))
+            runs = {"ref": [], "tree": []}
+            for _ in range(ROUNDS):
+                for side in ("ref", "tree"):
+                    runs[side].append(per_call_microseconds(urls[side], batch, calls))
+            old, new = min(runs["ref"]), min(runs["tree"])
+            print(
+                f"batch {batch:>5}: {ref} {old:8.0f} us, working tree {new:8.0f} us per call "
+                f"(fastest of {ROUNDS} rounds of {calls}); tree/ref {new / old:.3f}",
+                flush=True,
+            )
+    finally:
+        for url in urls.values():
+            asyncio.run(db.drop_database(admin_url, url))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
