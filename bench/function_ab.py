@@ -3,10 +3,11 @@ revision REF against the working tree, in interleaved rounds on one machine.
 
 It makes two fresh databases (BPS_BENCH_ADMIN_URL's server), migrates both with this tree's migrations and
 functions, then re-applies REF's sql/ files to the first, so the two differ only in their functions. Each
-round calls bps.bulk_transfer N times per database on one connection (each call its own transaction,
-synchronous_commit off so no WAL flush is timed) and reads the backend's CPU time (utime + stime from
-/proc, so the server must run on this machine) before and after. CPU time, not a rate: on a busy machine
-it is what moves least. It prints the fastest round per side and their ratio. Databases dropped at the end.
+round calls bps.bulk_transfer N times per database on one connection (each call its own transaction;
+synchronous_commit off, so no WAL flush is timed; jit off, as in the service's sessions) and reads the
+backend's CPU time (utime + stime from /proc: the server must run on this machine) before and after. CPU
+time, not a rate: on a busy machine it is what moves least. It prints the fastest round per side and their
+ratio. The databases are dropped at the end.
 """
 
 from __future__ import annotations
@@ -69,16 +70,16 @@ def make_database(admin_url: str, ref: str | None) -> str:
 
 def per_call_microseconds(url: str, batch: int, calls: int) -> float:
     with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute("SET synchronous_commit = off")
+        connection.execute("SET synchronous_commit = off; SET jit = off")  # jit: as the service's sessions
         pid = connection.execute("SELECT pg_backend_pid()").fetchone()[0]
-        bodies = [payload(batch, uuid.uuid4().hex) for _ in range(calls + 20)]
+        bodies = [payload(batch, uuid.uuid4().hex[:16]) for _ in range(calls + 20)]
         for body in bodies[:20]:  # plans cached, caches warm
             connection.execute("SELECT status FROM bps.bulk_transfer(%s::jsonb)", (body,))
         before = backend_cpu(pid)
         for body in bodies[20:]:
-            status = connection.execute("SELECT status FROM bps.bulk_transfer(%s::jsonb)", (body,)).fetchone()[0]
+            status, answer = connection.execute("SELECT * FROM bps.bulk_transfer(%s::jsonb)", (body,)).fetchone()
             if status != 201:
-                raise SystemExit(f"bps.bulk_transfer answered {status}")
+                raise SystemExit(f"bps.bulk_transfer answered {status}: {str(answer)[:300]}")
         return (backend_cpu(pid) - before) / calls * 1e6
 
 
