@@ -151,7 +151,15 @@ class Process:
 
 
 def group_of(pgid: int) -> list[int]:
-    """The processes of a process group, from /proc."""
+    """The processes of a process group."""
+    return processes_with(STAT_PGRP, pgid)
+
+
+STAT_PPID, STAT_PGRP = 1, 2  # fields of /proc/<pid>/stat after the command's name
+
+
+def processes_with(field: int, value: int) -> list[int]:
+    """The processes whose /proc/<pid>/stat `field` (STAT_PPID, STAT_PGRP) is `value`."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -159,6 +167,6 @@ def group_of(pgid: int) -> list[int]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[2]) == pgid:
+            if int(fields[field]) == value:
                 found.append(int(entry.name))
     return found

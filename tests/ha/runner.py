@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
 import signal
@@ -26,6 +25,7 @@ from service import db
 from service.processes import Process
 from tests.reliability.checks import Check, Checks, check_answers, check_database
 from tests.reliability.execution import check_execution, wait_final
+from tests.reliability.options import from_env
 from tests.reliability.workload import Account, Generator, Mix, Stats
 
 from .load import TimedClients
@@ -73,8 +73,7 @@ def seconds(value: float | None) -> str:
 
 
 def env(name: str, default):
-    value = os.environ.get(f"BPS_HA_{name.upper()}")
-    return default if value in (None, "") else type(default)(value)
+    return from_env("BPS_HA", name, default)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -18,6 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from service.processes import STAT_PPID, processes_with
+
 from .timeline import cluster_health, leader_of, render
 
 PG_BIN = Path(os.environ.get("BPS_HA_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -39,17 +41,8 @@ def free_ports(count: int) -> list[int]:
 
 
 def children_of(pid: int) -> list[int]:
-    """The direct children of `pid`, from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
+    """The direct children of `pid`."""
+    return processes_with(STAT_PPID, pid)
 
 
 def processes_mentioning(text: str) -> list[tuple[int, str]]:

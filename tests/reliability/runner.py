@@ -30,6 +30,7 @@ from . import abuse, fuzz, hostile
 from .checks import Check, Checks, check_answers, check_database
 from .cluster import Cluster, free_port
 from .execution import check_execution, wait_final
+from .options import from_env
 from .workload import CRASH_MIX, Account, Clients, Generator, Mix, Stats
 
 PHASES = ("soak", "access", "crash", "dbfault", "hostile", "fuzz", "exec-crash", "rail-fault", "exec-dbfault")
@@ -47,8 +48,7 @@ PROOF_MINIMUMS = {
 
 
 def env(name: str, default):
-    value = os.environ.get(f"BPS_REL_{name.upper()}")
-    return default if value in (None, "") else type(default)(value)
+    return from_env("BPS_REL", name, default)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
