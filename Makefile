@@ -110,3 +110,8 @@ docker-test:
 ## clean: remove .venv, the embedded database (.pgdata) and caches
 clean:
 	rm -rf $(VENV) .pgdata .pytest_cache .ruff_cache
+
+## test-embedded: the ISO 20022 tests on a throwaway embedded PostgreSQL 17 (tests/embedded-run.sh; not part of test)
+.PHONY: test-embedded
+test-embedded: install $(EMBEDDED_STAMP)
+	VENV=$(VENV) tests/embedded-run.sh
