@@ -410,8 +410,10 @@ class Topology:
         left = self.leftovers()
         if left:
             kill([pid for pid, _ in left])
-            time.sleep(0.5)
-            left = self.leftovers()
+            deadline = time.monotonic() + 5
+            while left and time.monotonic() < deadline:  # until the kernel has reaped them (bounded)
+                time.sleep(0.05)
+                left = self.leftovers()
         return left
 
     def remove(self) -> None:
