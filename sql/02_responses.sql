@@ -29,6 +29,15 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     ) || extra
 $$;
 
+-- The 422 validation_failed problem with every error found in `what` (the request, the file, the query):
+-- the one form the JSON intake, pain.001 files and list parameters answer with.
+CREATE OR REPLACE FUNCTION bps.validation_problem(what text, errors jsonb, consequence text DEFAULT '') RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT bps.problem(422, 'validation_failed',
+                       format('The %s has %s problem(s)%s.', what, jsonb_array_length(errors), consequence),
+                       jsonb_build_object('errors', errors))
+$$;
+
 -- Headers for the HTTP layer travel PostgREST-style: bps.bulk_transfer puts a JSON object of them in the
 -- transaction-local setting response.headers (set_config(..., true)), which the service reads in the
 -- same statement and copies to the response; psql callers simply ignore it.

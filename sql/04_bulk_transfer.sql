@@ -159,9 +159,7 @@ $$;
 CREATE OR REPLACE FUNCTION bps.validation_failed(payload jsonb, account bps.bank_accounts, idempotency_key text)
 RETURNS jsonb
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT bps.problem(422, 'validation_failed',
-               format('The request has %s problem(s); nothing was transferred.', jsonb_array_length(e.errors)),
-               jsonb_build_object('errors', e.errors))
+    SELECT bps.validation_problem('request', e.errors, '; nothing was transferred')
       FROM (SELECT coalesce(bps.request_errors(payload, account.organization_name, account.currency,
                                                account.counterparty_check = 'strict'), '[]')
                    || CASE WHEN length(idempotency_key) NOT BETWEEN 1 AND 255 THEN jsonb_build_array(

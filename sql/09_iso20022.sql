@@ -129,9 +129,7 @@ $$;
 -- A 422 validation_failed of a file: the errors, each with its path.
 CREATE OR REPLACE FUNCTION bps.pain001_invalid(errors jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT bps.problem(422, 'validation_failed',
-                       format('The file has %s problem(s); nothing was transferred.', jsonb_array_length(errors)),
-                       jsonb_build_object('errors', errors))
+    SELECT bps.validation_problem('file', errors, '; nothing was transferred')
 $$;
 
 -- An XPath naming (space-separated) the elements of a GrpHdr, PmtInf or CdtTrfTxInf given more than once

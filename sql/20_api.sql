@@ -173,9 +173,7 @@ $$;
 -- The 422 answer to a list request with bad parameters.
 CREATE OR REPLACE FUNCTION bps.invalid_parameters(errors jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT bps.problem(422, 'validation_failed',
-                       format('The query has %s problem(s).', jsonb_array_length(errors)),
-                       jsonb_build_object('errors', errors))
+    SELECT bps.validation_problem('query', errors)
 $$;
 
 -- GET /bulk_transfers?limit=&cursor=&status=: the key's bulk transfers, newest first.
