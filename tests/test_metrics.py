@@ -12,6 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import database_fixtures, request_for, service_process, transfer
 
 database_url, service_url, pool, session_key = database_fixtures("module", "bps_metrics_test")
+POLL_SECONDS = 0.1
+FLUSH_POLLS = 50  # 5 s, five times the workers' flush interval
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +74,26 @@ async def test_a_scrape_counts_every_workers_requests_and_the_database_figures(
     replay = await post(service.port, session_key.key, keyed, **{"Idempotency-Key": "metrics-1"})
     assert (created, invalid, first, replay) == ([201] * 6, [422] * 2, 201, 201)
 
-    scrapes = [await scrape(service.port) for _ in range(6)]
-    after = scrapes[0]
+    post_201 = {"method": "POST", "route": "/bulk_transfer", "status": "201"}
+    # A worker adds its counts to the shared figures once a second: poll (bounded) until every worker has.
+    after = await scrape(service.port)
+    for _ in range(FLUSH_POLLS):
+        if (
+            value(after, "bps_bulk_transfer_requests_total", outcome="validation_failed")
+            - value(before, "bps_bulk_transfer_requests_total", outcome="validation_failed")
+            == 2
+            and value(after, "bps_http_requests_total", **post_201)
+            - value(before, "bps_http_requests_total", **post_201)
+            == 8
+        ):
+            break
+        await asyncio.sleep(POLL_SECONDS)
+        after = await scrape(service.port)
+    scrapes = [after, *[await scrape(service.port) for _ in range(5)]]
 
     def delta(name: str, **labels) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    post_201 = {"method": "POST", "route": "/bulk_transfer", "status": "201"}
     assert delta("bps_http_requests_total", **post_201) == 8
     assert delta("bps_http_requests_total", method="POST", route="/bulk_transfer", status="422") == 2
     assert delta("bps_http_request_duration_seconds_count", method="POST", route="/bulk_transfer") == 10
@@ -105,3 +120,33 @@ async def test_no_label_holds_what_a_client_sent(service, session_key) -> None:
     routes = {dict(labels).get("route") for _, labels in await scrape(service.port)}
     assert {"(unmatched)", "/transfers/{id}", "/bulk_transfers/{id}"} <= routes
     assert not any(route and ("FR76" in route or "secret" in route or "123456789" in route) for route in routes)
+
+
+def test_counts_kept_in_memory_reach_the_registry_as_prometheus_client_would_record_them() -> None:
+    """A worker's in-memory counts, once flushed, are what Counter.inc and Histogram.observe would have made:
+    the same buckets (bounds included), sum and count."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from service.metrics import Metrics
+
+    waits = [0.0, 0.0001, 0.00011, 0.0005, 0.003, 0.05, 0.7, 5.0, 12.5] * 3
+    metrics = Metrics()
+    reference = CollectorRegistry()
+    expected = Histogram(
+        "bps_db_pool_acquire_seconds", "", buckets=metrics.pool_acquire._upper_bounds[:-1], registry=reference
+    )
+    for wait in waits:
+        metrics.observe_pool_wait(wait)
+        expected.observe(wait)
+        metrics.observe_outcome("created")
+    assert samples(generate_latest(metrics.registry).decode()).get(("bps_db_pool_acquire_seconds_count", ())) == 0
+    metrics.flush()
+    got = samples(generate_latest(metrics.registry).decode())
+    want = samples(generate_latest(reference).decode())
+    histogram = {
+        k: v for k, v in got.items() if k[0].startswith("bps_db_pool_acquire_seconds_") and "created" not in k[0]
+    }
+    assert histogram == {k: v for k, v in want.items() if "created" not in k[0]}
+    assert got[("bps_bulk_transfer_requests_total", (("outcome", "created"),))] == len(waits)
+    metrics.flush()  # nothing counted twice
+    assert samples(generate_latest(metrics.registry).decode())[("bps_db_pool_acquire_seconds_count", ())] == len(waits)
