@@ -1,8 +1,9 @@
 """`python -m bench.function_ab REF [BATCH ...]`: the backend CPU of one bps.bulk_transfer call, at git
 revision REF against the working tree, in interleaved rounds on one machine.
 
-It makes two fresh databases (BPS_BENCH_ADMIN_URL's server), migrates both with this tree's migrations and
-functions, then re-applies REF's sql/ files to the first, so the two differ only in their functions. Each
+It makes two fresh databases (BPS_BENCH_ADMIN_URL's server), migrates both with this tree's migrations, then
+applies REF's sql/ files to the first and this tree's to the second, so the two differ only in their
+functions. Each
 round calls bps.bulk_transfer N times per database on one connection (each call its own transaction;
 synchronous_commit off, so no WAL flush is timed; jit off, as in the service's sessions) and reads the
 backend's CPU time (utime + stime from /proc: the server must run on this machine) before and after. CPU
@@ -55,7 +56,10 @@ def backend_cpu(pid: int) -> float:
 
 def make_database(admin_url: str, ref: str | None) -> str:
     url = asyncio.run(db.create_database(admin_url, "bps_function_ab"))
-    asyncio.run(db.migrate(url))
+    if ref is None:
+        asyncio.run(db.migrate(url))
+    else:
+        db.apply_migrations(url)  # (this tree's: REF's functions then go on tables they know)
     with psycopg.connect(url, autocommit=True) as connection:
         if ref is not None:
             files = subprocess.run(

@@ -244,13 +244,14 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
 $$;
 
 -- The date a 'YYYY-MM-DD' string names, or NULL when it names none (2026-02-30, 0000-01-01, 26-1-1, ...).
+-- make_date, not a cast to date: a cast depends on DateStyle (STABLE), so the planner would not inline it.
 CREATE OR REPLACE FUNCTION bps.date_of(value text) RETURNS date
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN value ~ '^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$' AND left(value, 4) <> '0000' THEN
         CASE WHEN substr(value, 9, 2)::integer
                   <= extract(day FROM make_date(left(value, 4)::integer, substr(value, 6, 2)::integer, 1)
                                       + interval '1 month' - interval '1 day')
-             THEN value::date END
+             THEN make_date(left(value, 4)::integer, substr(value, 6, 2)::integer, substr(value, 9, 2)::integer) END
     END
 $$;
 

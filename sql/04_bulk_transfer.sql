@@ -4,7 +4,7 @@
 
 -- The insufficient_funds problem, with the figures a client needs to top up.
 CREATE OR REPLACE FUNCTION bps.insufficient_funds(balance_cents bigint, required_cents bigint) RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT bps.problem(422, 'insufficient_funds',
         format('The transfers total %s but the account holds %s: nothing was transferred.',
                bps.format_cents(required_cents), bps.format_cents(balance_cents)),
@@ -46,9 +46,18 @@ BEGIN
 END
 $$;
 
--- Its return type changed: an earlier definition must go first (CREATE OR REPLACE cannot change it).
+-- Earlier definitions whose arguments or return type changed (CREATE OR REPLACE cannot change them).
 DROP FUNCTION IF EXISTS bps.bulk_transfer(jsonb, text, bigint[], bigint);
 DROP FUNCTION IF EXISTS bps.bulk_transfer(jsonb, text, bigint[], bigint, bytea);
+DROP FUNCTION IF EXISTS bps.bulk_transfer(jsonb, text, bigint[], bigint, bytea, boolean);
+DROP FUNCTION IF EXISTS bps.idempotent_replay(bps.idempotency_keys, bytea);
+DROP FUNCTION IF EXISTS bps.idempotent_replay(bytea, integer, jsonb, bigint, bytea);
+DROP FUNCTION IF EXISTS bps.record_bulk_transfers(integer[], bigint[], bigint[], text[], bytea[], text[], integer[],
+                                                  bigint[], bigint[], jsonb[]);
+DROP FUNCTION IF EXISTS bps.record_bulk_transfers(integer[], bigint[], bigint[], text[], bytea[], text[], integer[],
+                                                  bigint[], bigint[], date[], jsonb[]);
+DROP FUNCTION IF EXISTS bps.unrecord_bulk_transfers(integer[], bigint[]);
+DROP FUNCTION IF EXISTS bps.intake_decisions(text[], bigint[], bigint[], bytea[], boolean[], bigint[], bigint[], bigint[]);
 
 -- Claims an Idempotency-Key for a request on an account: NULL when it is this request's now, else the record
 -- of the request that holds it (waiting for that one to commit first, so its outcome is there).
@@ -79,27 +88,6 @@ BEGIN
 END
 $$;
 
--- The answer to a request whose Idempotency-Key another request holds: that request's stored answer again
--- (marked Idempotent-Replayed) for the same payload, 422 idempotency_key_reused for another.
-CREATE OR REPLACE FUNCTION bps.idempotent_replay(stored bps.idempotency_keys, payload_hash bytea,
-                                                 OUT status integer, OUT body jsonb)
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF stored.payload_hash <> payload_hash THEN
-        status := 422;
-        body := bps.problem(422, 'idempotency_key_reused',
-            'This Idempotency-Key was used for a different payload; use a new key for a new request.');
-        RETURN;
-    END IF;
-    status := stored.status;
-    body := stored.body;
-    PERFORM set_config('response.headers', (jsonb_build_object('Idempotent-Replayed', 'true')
-        || CASE WHEN stored.bulk_transfer_id IS NOT NULL
-                THEN jsonb_build_object('Location', '/bulk_transfers/' || stored.bulk_transfer_id)
-                ELSE '{}' END)::text, true);
-END
-$$;
-
 -- Stores the answer a request with an Idempotency-Key was given, for its retries.
 CREATE OR REPLACE FUNCTION bps.remember_answer(bank_account_id bigint, idempotency_key text, status integer,
                                                body jsonb, bulk_transfer_id bigint) RETURNS void
@@ -110,7 +98,7 @@ LANGUAGE sql AS $$
      WHERE k.bank_account_id = remember_answer.bank_account_id AND k.idempotency_key = remember_answer.idempotency_key
 $$;
 
--- The steps of bps.bulk_transfer below that are plain queries: SQL functions the planner inlines into the
+-- The steps of bps.bulk_transfers below that are plain queries: SQL functions the planner inlines into the
 -- statement that calls them, so naming a step costs nothing at run time.
 
 -- Step 1: the problem with the request's envelope (not a JSON object, too many transfers), or NULL.
@@ -168,7 +156,7 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
                       ELSE '[]' END AS errors) AS e
 $$;
 
--- Step 4: the bulk transfer with the same payload accepted for the account within the window, if any.
+-- Step 5: the bulk transfer with the same payload accepted for the account within the window, if any.
 CREATE OR REPLACE FUNCTION bps.recent_duplicate(bank_account_id bigint, payload_hash bytea, dedup_window interval)
 RETURNS SETOF bigint
 LANGUAGE sql STABLE AS $$
@@ -180,7 +168,7 @@ LANGUAGE sql STABLE AS $$
      LIMIT 1
 $$;
 
--- Step 7: the 201's body.
+-- Step 9: the 201's body.
 CREATE OR REPLACE FUNCTION bps.accepted(bulk_transfer_id bigint, transfer_count integer, total_cents bigint,
                                         currency text, balance_cents bigint, requested_execution_date jsonb,
                                         transfers jsonb) RETURNS jsonb
@@ -192,17 +180,114 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         'transfers', transfers)
 $$;
 
--- Validates, deduplicates and records one bulk transfer, debiting its account once; all or nothing.
--- bank_account_ids are the accounts the caller may debit, and api_key_id the key it called with (NULL and
--- NULL: any account, the owner's call). An account outside them is not found, exactly as an account that
--- does not exist. account_id: the account the request named, when it was found (for the access log).
--- A pain.001 file (sql/09_iso20022.sql) is one call per PmtInf: it passes payload_hash, what makes two
--- requests the same (else the hash of the canonical JSON), and deduplicate => false when it settles
--- idempotency and duplicates itself.
-CREATE OR REPLACE FUNCTION bps.bulk_transfer(payload jsonb, idempotency_key text, bank_account_ids bigint[],
-                                             api_key_id bigint, payload_hash bytea DEFAULT NULL,
-                                             deduplicate boolean DEFAULT true,
-                                             OUT status integer, OUT body jsonb, OUT account_id bigint)
+-- The sequential decision of a call's requests, in array order, on the balances `balances` of the accounts
+-- `slots` (each request's account is slots[i]'s entry): a duplicate of an earlier accepted request (in the
+-- call: dup_request; in the database: dup_id), short of funds (balance: what it saw), or accepted (balance:
+-- what it left). Only requests with outcome 'open' are decided; a request refused for funds consumes
+-- nothing. With the rows already `written`: the accepted requests still to write (added) and the written
+-- ones no longer accepted (dropped). Arithmetic on arrays, no statement: the loop is over requests, never
+-- over transfers.
+CREATE OR REPLACE FUNCTION bps.intake_decisions(outcomes text[], accounts bigint[], totals bigint[],
+                                                hashes bytea[], dedup boolean[], db_duplicates bigint[],
+                                                slots bigint[], balances bigint[], written boolean[],
+                                                OUT decided text[], OUT balance bigint[], OUT dup_request integer[],
+                                                OUT dup_id bigint[], OUT accepted integer[], OUT added integer[],
+                                                OUT dropped integer[])
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    slot integer;
+    n    integer := coalesce(array_length(outcomes, 1), 0);
+BEGIN
+    -- (Full length from the start: an element assigned into a NULL array would start it at its index.)
+    decided := outcomes;
+    balance := array_fill(NULL::bigint, ARRAY[n]);
+    dup_request := array_fill(NULL::integer, ARRAY[n]);
+    dup_id := array_fill(NULL::bigint, ARRAY[n]);
+    FOR i IN 1 .. n LOOP
+        CONTINUE WHEN outcomes[i] IS DISTINCT FROM 'open';
+        IF dedup[i] THEN
+            -- The latest earlier request of the call accepted for the same account with the same payload.
+            FOR j IN REVERSE i - 1 .. 1 LOOP
+                IF decided[j] = 'accepted' AND accounts[j] = accounts[i] AND hashes[j] = hashes[i] THEN
+                    dup_request[i] := j;
+                    EXIT;
+                END IF;
+            END LOOP;
+            IF dup_request[i] IS NOT NULL OR db_duplicates[i] IS NOT NULL THEN
+                decided[i] := 'duplicate';
+                dup_id[i] := CASE WHEN dup_request[i] IS NULL THEN db_duplicates[i] END;
+                CONTINUE;
+            END IF;
+        END IF;
+        slot := array_position(slots, accounts[i]);
+        IF totals[i] > balances[slot] THEN
+            decided[i] := 'short';
+            balance[i] := balances[slot];
+        ELSE
+            balances[slot] := balances[slot] - totals[i];
+            decided[i] := 'accepted';
+            balance[i] := balances[slot];
+        END IF;
+    END LOOP;
+    -- Which requests are accepted, which of them are not written yet, and which written ones are no longer.
+    FOR i IN 1 .. n LOOP
+        IF decided[i] = 'accepted' THEN
+            accepted := accepted || i;
+            IF NOT written[i] THEN
+                added := added || i;
+            END IF;
+        ELSIF written[i] THEN
+            dropped := dropped || i;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- The answer to a request whose Idempotency-Key another request holds (stored_*: that request's payload hash
+-- and answer): the same answer again, marked Idempotent-Replayed, for the same payload; 422
+-- idempotency_key_reused for another.
+-- (A set-returning SQL function, one row: the planner inlines it into the statement that calls it.)
+CREATE OR REPLACE FUNCTION bps.idempotent_replay(stored_hash bytea, stored_status integer, stored_body jsonb,
+                                                 stored_bulk_transfer_id bigint, payload_hash bytea)
+RETURNS TABLE (status integer, body jsonb, headers jsonb)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN r.reused THEN 422 ELSE stored_status END,
+           CASE WHEN r.reused THEN bps.problem(422, 'idempotency_key_reused',
+                    'This Idempotency-Key was used for a different payload; use a new key for a new request.')
+                ELSE stored_body END,
+           CASE WHEN r.reused THEN '{}'
+                ELSE jsonb_build_object('Idempotent-Replayed', 'true')
+                     || CASE WHEN stored_bulk_transfer_id IS NOT NULL
+                             THEN jsonb_build_object('Location', '/bulk_transfers/' || stored_bulk_transfer_id)
+                             ELSE '{}' END END
+      FROM (SELECT stored_hash <> payload_hash AS reused) AS r
+$$;
+
+-- The 409 of a request whose payload the account had accepted within the window, as bulk_transfer_id.
+CREATE OR REPLACE FUNCTION bps.duplicate_request(bulk_transfer_id bigint) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT bps.problem(409, 'duplicate_request',
+        format('The same payload was already accepted as bulk transfer %s; nothing was transferred again.',
+               bulk_transfer_id),
+        jsonb_build_object('bulk_transfer_id', bulk_transfer_id))
+$$;
+
+-- Validates, deduplicates and records many bulk transfer requests in one transaction, each exactly as if
+-- they had arrived one after the other in array order, and answers each (status, body, headers, and the
+-- account it named, for the access log). Each request is all or nothing; what one request does to the next
+-- is what order decides: the balance (a request refused for funds consumes nothing), duplicates and
+-- Idempotency-Keys. api_key_ids: the key each request came with, whose accounts it may debit (NULL: any
+-- account, the owner's call). payload_hashes: what makes two requests the same (NULL: the hash of the
+-- canonical JSON); deduplicate => false when the caller settles duplicates itself (a pain.001 file).
+--
+-- Each step is one statement over all the requests. Every call takes its locks in one order, so two calls
+-- cannot deadlock: Idempotency-Keys (by account and key), the per-payload advisory locks (by id), then the
+-- accounts (by id), as late as possible.
+CREATE OR REPLACE FUNCTION bps.bulk_transfers(payloads jsonb[], idempotency_keys text[] DEFAULT NULL,
+                                              api_key_ids bigint[] DEFAULT NULL,
+                                              payload_hashes bytea[] DEFAULT NULL,
+                                              deduplicate boolean DEFAULT true)
+RETURNS TABLE (status integer, body jsonb, headers jsonb, account_id bigint)
 LANGUAGE plpgsql
 -- Plan each statement once per connection, not on every call, and with index scans: a plan cached
 -- while a table was small must not stay a sequential scan. No JIT: the cost a disabled scan is given
@@ -211,163 +296,296 @@ SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
 SET jit = off
 AS $$
-<<bulk_transfer>>
 DECLARE
-    settings        bps.settings;
-    account         bps.bank_accounts;
-    transfers       jsonb := payload -> 'credit_transfers';
-    transfer_count  integer;
-    total_cents     bigint;
-    client_refs     text[];
-    all_valid       boolean;
-    request_hash    bytea;
-    stored          bps.idempotency_keys;
-    duplicate_id    bigint;
-    bulk_id         bigint;
-    balance_seen    bigint;
-    balance_after   bigint;
-    transfer_items  jsonb;
+    settings       bps.settings;
+    -- Each request's figures, by its position in the call.
+    accounts       bigint[];   -- the account it names, once found
+    currencies     text[];
+    read_balances  bigint[];
+    counts         integer[];
+    totals         bigint[];
+    dates          date[];     -- its requested_execution_date
+    hashes         bytea[];    -- what makes two requests the same
+    outcomes       text[];     -- 'answered' (statuses, bodies: its answer), 'replay', or 'open' until decided
+    statuses       integer[];
+    bodies         jsonb[];
+    answer_headers jsonb[];
+    any_keyed      boolean;
+    holders        integer[];  -- with a key: the first request of the call with that key on that account
+    claimants      integer[];  -- holders that claimed their key (another request holds the others')
+    dedup          boolean[];
+    db_duplicates  bigint[];
+    -- The decisions: accepted, short (of funds) or duplicate, with the balance left or seen.
+    decided        text[];
+    balances_left  bigint[];
+    dup_requests   integer[];
+    dup_ids        bigint[];
+    bulk_ids       bigint[];
+    receipts       jsonb[];
+    -- The accounts the requests name, in id order: their balances as read, then under their locks.
+    slots          bigint[];
+    balances       bigint[];
+    locked_balances bigint[];
+    locked         boolean := false;
+    written        boolean[];  -- whether its rows are written
+    dropped        integer[];
+    added          integer[];
+    accepted       integer[];
+    answer         record;
+    m              integer;
+    entries        integer;
 BEGIN
     -- The duplicate check and the balance check rely on each statement seeing what committed before it.
     IF NOT bps.at_read_committed() THEN
         PERFORM bps.refuse_isolation_level('bps.bulk_transfer');
     END IF;
-    -- Headers for the HTTP layer go in response.headers (see sql/02_responses.sql); none so far.
-    PERFORM set_config('response.headers', '{}', true);
-
-    -- 1. The envelope: a JSON object, its transfer count bounded before any work.
     SELECT * INTO STRICT settings FROM bps.settings;
-    body := bps.envelope_problem(payload, settings.max_transfers_per_request);
-    IF body IS NOT NULL THEN
-        status := (body ->> 'status')::integer;
-        RETURN;
-    END IF;
 
-    -- 2. The account, so that rules that depend on it are reported with all the others.
-    SELECT * INTO account FROM bps.account_named(payload, bank_account_ids);
-    account_id := account.id;
+    -- 1-3. Each request's envelope (a JSON object, its transfer count bounded), its account (so that rules
+    -- that depend on it are reported with all the others) and every rule, reported all at once: 422 with the
+    -- list, or 404 for a valid request to no account.
+    SELECT array_agg(x.account_id), array_agg(x.currency), array_agg(x.balance_cents), array_agg(x.transfer_count),
+           array_agg(x.total_cents), array_agg(x.execution_date), array_agg(x.hash), array_agg(x.outcome),
+           array_agg((x.problem ->> 'status')::integer), array_agg(x.problem),
+           coalesce(bool_or(x.outcome = 'open' AND x.idempotency_key IS NOT NULL), false)
+      INTO accounts, currencies, read_balances, counts, totals, dates, hashes, outcomes, statuses, bodies,
+           any_keyed
+      -- (Aggregated in the order of this subquery: one sort, not one per aggregate.)
+      FROM (SELECT a.id AS account_id, a.currency, a.balance_cents, c.transfer_count, c.total_cents,
+                   bps.date_of(r.payload ->> 'requested_execution_date') AS execution_date,
+                   CASE WHEN v.problem IS NULL
+                        THEN coalesce(r.payload_hash, sha256(convert_to(r.payload::text, 'UTF8'))) END AS hash,
+                   CASE WHEN v.problem IS NULL THEN 'open' ELSE 'answered' END AS outcome,
+                   v.problem, r.idempotency_key
+              FROM unnest(payloads, idempotency_keys, api_key_ids, payload_hashes) WITH ORDINALITY
+                   AS r(payload, idempotency_key, api_key_id, payload_hash, n)
+              LEFT JOIN bps.api_credentials AS k ON k.id = r.api_key_id
+             CROSS JOIN LATERAL (SELECT bps.envelope_problem(r.payload, settings.max_transfers_per_request) AS problem,
+                                        r.payload -> 'credit_transfers' AS transfers
+                                 OFFSET 0) AS e  -- (OFFSET 0: computed once, not wherever the inlined steps name it)
+              LEFT JOIN LATERAL bps.account_named(r.payload, CASE WHEN r.api_key_id IS NOT NULL
+                                                                  THEN coalesce(k.bank_account_ids, '{}') END) AS a
+                     ON e.problem IS NULL
+              LEFT JOIN LATERAL bps.checked_transfers(e.transfers, a.currency, a.counterparty_check = 'strict') AS c
+                     ON e.problem IS NULL
+             CROSS JOIN LATERAL (SELECT CASE
+                    WHEN e.problem IS NOT NULL THEN e.problem
+                    WHEN NOT coalesce(c.all_valid, false)
+                         OR bps.request_problems(r.payload, a.organization_name) <> '{}'
+                         OR length(r.idempotency_key) NOT BETWEEN 1 AND 255
+                        THEN bps.validation_failed(r.payload, a, r.idempotency_key)
+                    WHEN a.id IS NULL THEN bps.problem(404, 'account_not_found',
+                        'No bank account has this organization_iban and organization_bic.')
+                END AS problem) AS v
+             ORDER BY r.n) AS x;
 
-    -- 3. Every rule, reported all at once: 422 with the list, or 404 for a valid request to no account.
-    SELECT c.* INTO transfer_count, total_cents, client_refs, all_valid
-      FROM bps.checked_transfers(transfers, account.currency, account.counterparty_check = 'strict') AS c;
-    IF NOT coalesce(all_valid, false)
-       OR bps.request_problems(payload, account.organization_name) <> '{}'
-       OR length(idempotency_key) NOT BETWEEN 1 AND 255 THEN
-        status := 422;
-        body := bps.validation_failed(payload, account, idempotency_key);
-        RETURN;
-    END IF;
-    IF account.id IS NULL THEN
-        status := 404;
-        body := bps.problem(404, 'account_not_found',
-            'No bank account has this organization_iban and organization_bic.');
-        RETURN;
-    END IF;
-
-    -- 4. Idempotency and duplicates. Requests with the same payload for the same account queue on this
-    -- transaction-scoped lock (it dies with the transaction), so the duplicate check cannot race.
-    request_hash := coalesce(payload_hash, sha256(convert_to(payload::text, 'UTF8')));
-    IF idempotency_key IS NOT NULL THEN
-        -- Claim the key. A concurrent request holding it makes this wait for its commit, then replay.
-        stored := bps.claim_idempotency_key(account.id, idempotency_key, request_hash,
-                                            settings.idempotency_retention);
-        IF stored.bank_account_id IS NOT NULL THEN
-            SELECT r.status, r.body INTO status, body FROM bps.idempotent_replay(stored, request_hash) AS r;
-            RETURN;
-        END IF;
-    END IF;
-    PERFORM pg_advisory_xact_lock(('x' || encode(substr(request_hash, 1, 8), 'hex'))::bit(64)::bigint
-                                  # account.id);
-    IF idempotency_key IS NULL AND deduplicate THEN
-        SELECT d INTO duplicate_id FROM bps.recent_duplicate(account.id, request_hash, settings.dedup_window) AS d;
-        IF duplicate_id IS NOT NULL THEN
-            status := 409;
-            body := bps.problem(409, 'duplicate_request',
-                format('The same payload was already accepted as bulk transfer %s; nothing was transferred again.',
-                       duplicate_id),
-                jsonb_build_object('bulk_transfer_id', duplicate_id));
-            RETURN;
-        END IF;
-    END IF;
-
-    -- 5. The balance read at lookup turns most short requests away without writing.
-    IF total_cents > account.balance_cents THEN
-        status := 422;
-        body := bps.insufficient_funds(account.balance_cents, total_cents);
-    ELSE
-        -- 6. Write the whole request: the bulk transfer and all its transfers in one statement. Every
-        -- transfer's id follows from bulk_id and its position (bps.transfer_id), so none is read back.
-        bulk_id := nextval('bps.bulk_transfers_id_seq');
-        WITH bulk AS (
-            INSERT INTO bps.bulk_transfers (id, bank_account_id, payload_hash, idempotency_key, transfer_count,
-                                            total_cents, currency, api_key_id, requested_execution_date,
-                                            pending_count)
-            OVERRIDING SYSTEM VALUE
-            VALUES (bulk_id, account.id, request_hash, bulk_transfer.idempotency_key,
-                    bulk_transfer.transfer_count, bulk_transfer.total_cents, account.currency,
-                    bulk_transfer.api_key_id, bps.date_of(payload ->> 'requested_execution_date'),
-                    bulk_transfer.transfer_count)
+    -- 4. Idempotency-Keys. The first request of the call with a key holds it for the call (a later one with
+    -- the same key replays its answer, at the end) and claims it, unless another request holds it: the claim
+    -- waits for that one to commit, and its answer is replayed (or 422 for another payload).
+    IF any_keyed THEN
+        SELECT array_agg(x.holder ORDER BY x.n) INTO holders
+          FROM (SELECT u.n, CASE WHEN u.k IS NOT NULL AND u.o = 'open'
+                                 THEN min(u.n) OVER (PARTITION BY u.a, u.k, u.o = 'open') END AS holder
+                  FROM unnest(idempotency_keys, accounts, outcomes) WITH ORDINALITY AS u(k, a, o, n)) AS x;
+        WITH candidates AS (
+            SELECT DISTINCT u.h FROM unnest(holders) AS u(h) WHERE u.h IS NOT NULL
+        ), claimed AS (
+            INSERT INTO bps.idempotency_keys AS k (bank_account_id, idempotency_key, payload_hash)
+            SELECT accounts[c.h], idempotency_keys[c.h], hashes[c.h] FROM candidates AS c ORDER BY 1, 2
+            ON CONFLICT ON CONSTRAINT idempotency_keys_pkey DO UPDATE
+               SET payload_hash = excluded.payload_hash, status = NULL, body = NULL, bulk_transfer_id = NULL,
+                   created_at = now()
+             WHERE k.created_at < now() - settings.idempotency_retention
+            RETURNING k.bank_account_id, k.idempotency_key
         )
-        INSERT INTO bps.transfers (id, bank_account_id, bulk_transfer_id, position, counterparty_name,
-                                   counterparty_iban, counterparty_bic, amount_cents, amount_currency,
-                                   description, client_reference)
-        SELECT bps.transfer_id(bulk_id, t.ordinality - 1), account.id, bulk_id, t.ordinality - 1,
-               t.counterparty_name, t.counterparty_iban, t.counterparty_bic, bps.cents(t.amount), account.currency,
-               t.description, t.client_reference
-          FROM jsonb_populate_recordset(NULL::bps.transfer_input, transfers) WITH ORDINALITY AS t;
-        -- The 201's list of ids and client references, built before the lock is taken. Through a composite
-        -- type: to_jsonb builds the array in one go (jsonb_agg of jsonb_build_object cost three times as much).
-        SELECT to_jsonb(array_agg((bps.transfer_id(bulk_id, r.n - 1), r.reference)::bps.transfer_receipt ORDER BY r.n))
-          INTO transfer_items
-          FROM unnest(client_refs) WITH ORDINALITY AS r(reference, n);
-
-        -- 7. The debit takes the account's row lock, as late as possible: concurrent requests on one account
-        -- serialize only for the debit, the journal entry and the commit. It debits only what the account
-        -- holds (a concurrent debit is waited for, then the condition is checked again on its result).
+        SELECT array_agg(c.h) INTO claimants
+          FROM candidates AS c
+          JOIN claimed AS k ON k.bank_account_id = accounts[c.h] AND k.idempotency_key = idempotency_keys[c.h];
+        -- A statement of its own: it sees what the keys' holders committed while the claim waited for them.
+        FOR answer IN
+            SELECT u.n, p.*
+              FROM unnest(holders) WITH ORDINALITY AS u(h, n)
+              JOIN bps.idempotency_keys AS s
+                ON s.bank_account_id = accounts[u.h] AND s.idempotency_key = idempotency_keys[u.h]
+             CROSS JOIN LATERAL bps.idempotent_replay(s.payload_hash, s.status, s.body, s.bulk_transfer_id,
+                                                     hashes[u.n]) AS p
+             WHERE u.h IS NOT NULL AND NOT u.h = ANY (coalesce(claimants, '{}'))
         LOOP
-            WITH debit AS (
-                UPDATE bps.bank_accounts AS a
-                   SET balance_cents = a.balance_cents - bulk_transfer.total_cents, version = a.version + 1
-                 WHERE a.id = account.id AND a.balance_cents >= bulk_transfer.total_cents
-                RETURNING a.balance_cents, a.version
-            )
-            INSERT INTO bps.account_entries (bank_account_id, account_version, kind, amount_cents,
-                                             previous_balance_cents, balance_cents, bulk_transfer_id)
-            SELECT account.id, d.version, 'bulk_debit', -bulk_transfer.total_cents,
-                   d.balance_cents + bulk_transfer.total_cents, d.balance_cents, bulk_id
-              FROM debit AS d
-            RETURNING account_entries.balance_cents INTO balance_after;
-            EXIT WHEN FOUND;
-            -- A concurrent request spent the money after the lookup. Decide under the account's lock, on
-            -- the balance it holds now: a top-up may have come in too, and the debit is tried again.
-            SELECT a.balance_cents INTO STRICT balance_seen
-              FROM bps.bank_accounts AS a
-             WHERE a.id = account.id
-               FOR NO KEY UPDATE;
-            IF balance_seen < total_cents THEN
-                -- Not enough: this request's rows go, and the figures reported are the ones decided on.
-                DELETE FROM bps.transfers AS t WHERE t.id IN (SELECT o.id FROM bps.transfers_of(bulk_id) AS o);
-                DELETE FROM bps.bulk_transfers AS b WHERE b.id = bulk_id;
-                bulk_id := NULL;
-                status := 422;
-                body := bps.insufficient_funds(balance_seen, total_cents);
-                EXIT;
+            outcomes[answer.n] := 'answered';
+            statuses[answer.n] := answer.status;
+            bodies[answer.n] := answer.body;
+            answer_headers[answer.n] := answer.headers;
+        END LOOP;
+        FOR i IN 1 .. cardinality(holders) LOOP
+            IF outcomes[i] = 'open' AND holders[i] <> i THEN
+                outcomes[i] := 'replay';
             END IF;
         END LOOP;
+    END IF;
 
-        IF bulk_id IS NOT NULL THEN
-            status := 201;
-            body := bps.accepted(bulk_id, transfer_count, total_cents, account.currency, balance_after,
-                                 payload -> 'requested_execution_date', transfer_items);
-            PERFORM set_config('response.headers', jsonb_build_object('Location', '/bulk_transfers/' || bulk_id)::text,
-                               true);
+    -- 5. Duplicates. Requests with the same payload for the same account queue on a transaction-scoped lock
+    -- (it dies with the transaction), so the check cannot race. A request with a key is never a duplicate.
+    PERFORM pg_advisory_xact_lock(l.id)
+       FROM (SELECT DISTINCT ('x' || encode(substr(u.h, 1, 8), 'hex'))::bit(64)::bigint # u.a AS id
+               FROM unnest(hashes, accounts, outcomes) AS u(h, a, o)
+              WHERE u.o = 'open'
+              ORDER BY 1) AS l;
+    SELECT array_agg(d.id), array_agg(u.o = 'open' AND u.k IS NULL AND deduplicate)  -- (in the unnest's order)
+      INTO db_duplicates, dedup
+      FROM unnest(idempotency_keys, accounts, hashes, outcomes) WITH ORDINALITY AS u(k, a, h, o, n)
+      LEFT JOIN LATERAL bps.recent_duplicate(u.a, u.h, settings.dedup_window) AS d(id)
+             ON u.o = 'open' AND u.k IS NULL AND deduplicate;
+
+    -- 6. The decisions, in order, on the balances read at lookup (most short requests are turned away
+    -- without a lock); every accepted request is written before any account is locked.
+    SELECT array_agg(s.a), array_agg(s.b) INTO slots, balances
+      FROM (SELECT DISTINCT u.a, u.b FROM unnest(accounts, read_balances, outcomes) AS u(a, b, o)
+             WHERE u.o = 'open' ORDER BY u.a) AS s;
+    written := array_fill(false, ARRAY[coalesce(cardinality(outcomes), 0)]);
+    bulk_ids := array_fill(NULL::bigint, ARRAY[coalesce(cardinality(outcomes), 0)]);
+    LOOP
+        SELECT d.* INTO decided, balances_left, dup_requests, dup_ids, accepted, added, dropped
+          FROM bps.intake_decisions(outcomes, accounts, totals, hashes, dedup, db_duplicates, slots, balances,
+                                    written) AS d;
+        -- Requests written and no longer accepted lose their rows; accepted ones not yet written get theirs.
+        IF dropped IS NOT NULL THEN
+            DELETE FROM bps.transfers AS t
+             WHERE t.id IN (SELECT o.id FROM unnest(dropped) AS u(n) CROSS JOIN LATERAL bps.transfers_of(bulk_ids[u.n]) AS o);
+            DELETE FROM bps.bulk_transfers AS b WHERE b.id IN (SELECT bulk_ids[u.n] FROM unnest(dropped) AS u(n));
+            FOREACH m IN ARRAY dropped LOOP
+                written[m] := false;
+                bulk_ids[m] := NULL;
+            END LOOP;
+        END IF;
+        IF added IS NOT NULL THEN
+            FOREACH m IN ARRAY added LOOP
+                bulk_ids[m] := nextval('bps.bulk_transfers_id_seq');
+                written[m] := true;
+            END LOOP;
+            -- Each bulk transfer and all its transfers, two inserts for the whole call. A transfer's id follows
+            -- from its bulk transfer's id and its position (bps.transfer_id). The 201's lists of transfer ids
+            -- and client references come back through a composite type: to_jsonb builds an array in one go
+            -- (jsonb_agg of jsonb_build_object cost three times as much).
+            FOR answer IN
+                WITH bulk AS (
+                    INSERT INTO bps.bulk_transfers (id, bank_account_id, payload_hash, idempotency_key,
+                                                    transfer_count, total_cents, currency, api_key_id,
+                                                    requested_execution_date, pending_count)
+                    OVERRIDING SYSTEM VALUE
+                    SELECT bulk_ids[u.n], accounts[u.n], hashes[u.n], idempotency_keys[u.n], counts[u.n],
+                           totals[u.n], currencies[u.n], api_key_ids[u.n], dates[u.n], counts[u.n]
+                      FROM unnest(added) AS u(n)
+                ), made AS (
+                    INSERT INTO bps.transfers (id, bank_account_id, bulk_transfer_id, position, counterparty_name,
+                                               counterparty_iban, counterparty_bic, amount_cents, amount_currency,
+                                               description, client_reference)
+                    SELECT bps.transfer_id(q.bulk_id, t.ordinality - 1), q.account_id, q.bulk_id, t.ordinality - 1,
+                           t.counterparty_name, t.counterparty_iban, t.counterparty_bic, bps.cents(t.amount),
+                           q.currency, t.description, t.client_reference
+                      FROM (SELECT bulk_ids[u.n] AS bulk_id, accounts[u.n] AS account_id,
+                                   currencies[u.n] AS currency, payloads[u.n] -> 'credit_transfers' AS transfers
+                              FROM unnest(added) AS u(n) OFFSET 0) AS q  -- (once per request, not per transfer)
+                     CROSS JOIN LATERAL jsonb_populate_recordset(NULL::bps.transfer_input, q.transfers)
+                           WITH ORDINALITY AS t
+                    RETURNING bps.transfers.bulk_transfer_id, bps.transfers.id, bps.transfers.client_reference
+                )
+                SELECT array_position(bulk_ids, w.bulk_transfer_id) AS n,
+                       to_jsonb(array_agg((w.id, w.client_reference)::bps.transfer_receipt ORDER BY w.id)) AS list
+                  FROM made AS w
+                 GROUP BY w.bulk_transfer_id
+            LOOP
+                receipts[answer.n] := answer.list;
+            END LOOP;
+        END IF;
+        EXIT WHEN locked OR accepted IS NULL;
+
+        -- 7. The row locks of the accounts debited, in id order, as late as possible: concurrent calls on one
+        -- account serialize only for the debit, the journal and the commit. Where a balance moved since the
+        -- lookup (a concurrent call spent or credited the account), decide again on what it holds.
+        SELECT array_agg(coalesce(l.balance_cents, s.b) ORDER BY s.o) INTO locked_balances
+          FROM unnest(slots, balances) WITH ORDINALITY AS s(a, b, o)
+          LEFT JOIN (SELECT a.id, a.balance_cents FROM bps.bank_accounts AS a
+                      WHERE a.id IN (SELECT accounts[i] FROM unnest(accepted) AS i)
+                      ORDER BY a.id
+                        FOR NO KEY UPDATE) AS l ON l.id = s.a;
+        locked := true;
+        EXIT WHEN locked_balances IS NOT DISTINCT FROM balances;
+        balances := locked_balances;
+    END LOOP;
+
+    -- 8. The debits, one per account, and a journal entry per request, each with the balance before and
+    -- after it (the account's version counts them).
+    IF accepted IS NOT NULL THEN
+        WITH per_request AS (
+            SELECT u.n, u.a, u.t, u.b AS after, bulk_ids[u.n] AS bulk_id,
+                   row_number() OVER (PARTITION BY u.a ORDER BY u.n) AS k
+              FROM unnest(accounts, totals, balances_left, decided) WITH ORDINALITY AS u(a, t, b, d, n)
+             WHERE u.d = 'accepted'
+        ), debit AS (
+            UPDATE bps.bank_accounts AS a
+               SET balance_cents = a.balance_cents - s.total, version = a.version + s.entries
+              FROM (SELECT p.a, sum(p.t)::bigint AS total, count(*) AS entries FROM per_request AS p GROUP BY p.a) AS s
+             WHERE a.id = s.a AND a.balance_cents >= s.total
+            RETURNING a.id, a.version - s.entries AS version_before
+        )
+        INSERT INTO bps.account_entries (bank_account_id, account_version, kind, amount_cents,
+                                         previous_balance_cents, balance_cents, bulk_transfer_id)
+        SELECT p.a, d.version_before + p.k, 'bulk_debit', -p.t, p.after + p.t, p.after, p.bulk_id
+          FROM per_request AS p
+          JOIN debit AS d ON d.id = p.a;
+        GET DIAGNOSTICS entries = ROW_COUNT;
+        IF entries <> cardinality(accepted) THEN
+            RAISE EXCEPTION 'bps.bulk_transfers: % debits decided, % made', cardinality(accepted), entries
+                USING ERRCODE = 'internal_error';
         END IF;
     END IF;
 
-    -- 8. Remember the answer for the key's retries.
-    IF idempotency_key IS NOT NULL THEN
-        PERFORM bps.remember_answer(account.id, idempotency_key, status, body, bulk_id);
-    END IF;
+    -- 9-10. The answers, in one statement: the decided requests', the replays of a key's holder in the call,
+    -- and each claimed key's record of its holder's answer, for the retries.
+    RETURN QUERY
+    WITH answered AS (
+        SELECT u.n,
+               CASE u.d WHEN 'accepted' THEN 201 WHEN 'short' THEN 422 WHEN 'duplicate' THEN 409
+                        ELSE statuses[u.n] END AS status,
+               CASE u.d
+                   WHEN 'accepted' THEN bps.accepted(bulk_ids[u.n], counts[u.n], totals[u.n], currencies[u.n],
+                                                     balances_left[u.n], payloads[u.n] -> 'requested_execution_date',
+                                                     receipts[u.n])
+                   WHEN 'short' THEN bps.insufficient_funds(balances_left[u.n], totals[u.n])
+                   WHEN 'duplicate' THEN bps.duplicate_request(coalesce(dup_ids[u.n], bulk_ids[dup_requests[u.n]]))
+                   ELSE bodies[u.n] END AS body,
+               CASE WHEN u.d = 'accepted' THEN jsonb_build_object('Location', '/bulk_transfers/' || bulk_ids[u.n])
+                    ELSE coalesce(answer_headers[u.n], '{}') END AS headers
+          FROM unnest(decided) WITH ORDINALITY AS u(d, n)
+    ), remembered AS (
+        UPDATE bps.idempotency_keys AS k
+           SET status = a.status, body = a.body, bulk_transfer_id = bulk_ids[a.n]
+          FROM answered AS a
+         WHERE a.n = ANY (claimants)
+           AND k.bank_account_id = accounts[a.n] AND k.idempotency_key = idempotency_keys[a.n]
+    )
+    SELECT coalesce(p.status, a.status), coalesce(p.body, a.body), coalesce(p.headers, a.headers), accounts[a.n]
+      FROM answered AS a
+      LEFT JOIN answered AS h ON decided[a.n] = 'replay' AND h.n = holders[a.n]
+      LEFT JOIN LATERAL (SELECT * FROM bps.idempotent_replay(hashes[h.n], h.status, h.body, bulk_ids[h.n], hashes[a.n])
+                          WHERE h.n IS NOT NULL OFFSET 0) AS p ON true
+     ORDER BY a.n;
+END
+$$;
+
+-- One request: the call of bps.bulk_transfers with one element, so it takes the same path. Its headers go
+-- to response.headers (sql/02_responses.sql).
+CREATE OR REPLACE FUNCTION bps.bulk_transfer(payload jsonb, idempotency_key text, api_key_id bigint,
+                                             payload_hash bytea DEFAULT NULL, deduplicate boolean DEFAULT true,
+                                             OUT status integer, OUT body jsonb, OUT account_id bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    answer_headers jsonb;
+BEGIN
+    SELECT r.status, r.body, r.headers, r.account_id INTO status, body, answer_headers, account_id
+      FROM bps.bulk_transfers(ARRAY[payload], ARRAY[idempotency_key], ARRAY[api_key_id], ARRAY[payload_hash],
+                              deduplicate) AS r;
+    PERFORM set_config('response.headers', answer_headers::text, true);
 END
 $$;
 
@@ -375,7 +593,11 @@ $$;
 CREATE OR REPLACE FUNCTION bps.bulk_transfer(payload jsonb, idempotency_key text DEFAULT NULL,
                                              OUT status integer, OUT body jsonb)
 LANGUAGE plpgsql AS $$
+DECLARE
+    answer_headers jsonb;
 BEGIN
-    SELECT r.status, r.body INTO status, body FROM bps.bulk_transfer(payload, idempotency_key, NULL, NULL) AS r;
+    SELECT r.status, r.body, r.headers INTO status, body, answer_headers
+      FROM bps.bulk_transfers(ARRAY[payload], ARRAY[idempotency_key]) AS r;
+    PERFORM set_config('response.headers', answer_headers::text, true);
 END
 $$;

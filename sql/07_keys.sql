@@ -106,7 +106,7 @@ SELECT c.id, c.label, 'bps_…' || c.hint AS hint, c.bank_account_ids, c.scopes,
 -- The 401 every refused key gets, whatever the reason (absent, malformed, unknown, revoked, expired): the
 -- answer says nothing about which.
 CREATE OR REPLACE FUNCTION bps.unauthorized() RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT bps.problem(401, 'unauthorized',
         'A valid API key is required: send it as Authorization: Bearer <key>. Missing, malformed, unknown, '
         'revoked and expired keys are refused alike.')
@@ -127,17 +127,16 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- The answer to a refused key (bps.key_check's refusal): the 401 with its challenge header, or the 403.
-CREATE OR REPLACE FUNCTION bps.key_refusal(refusal integer, scope text, OUT status integer, OUT body jsonb)
-LANGUAGE plpgsql AS $$
-BEGIN
-    status := refusal;
-    IF refusal = 401 THEN
-        body := bps.unauthorized();
-        PERFORM set_config('response.headers', '{"WWW-Authenticate": "Bearer realm=\"bps\""}', true);
-    ELSE
-        body := bps.problem(403, 'forbidden', format('This API key lacks the scope %s.', scope));
-    END IF;
-END
+-- No row for no refusal. (A set-returning SQL function: the planner inlines it into the caller's statement.)
+DROP FUNCTION IF EXISTS bps.key_refusal(integer, text);  -- (it answers its headers now)
+CREATE OR REPLACE FUNCTION bps.key_refusal(refusal integer, scope text)
+RETURNS TABLE (status integer, body jsonb, headers jsonb)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT refusal,
+           CASE WHEN refusal = 401 THEN bps.unauthorized()
+                ELSE bps.problem(403, 'forbidden', format('This API key lacks the scope %s.', scope)) END,
+           CASE WHEN refusal = 401 THEN '{"WWW-Authenticate": "Bearer realm=\"bps\""}'::jsonb ELSE '{}' END
+     WHERE refusal IS NOT NULL
 $$;
 
 -- Writes a key's last use, at most once a minute (bps.key_check says when), without waiting for a concurrent
@@ -154,12 +153,15 @@ CREATE OR REPLACE FUNCTION bps.key_access(api_key text, scope text, OUT api_key_
                                           OUT bank_account_ids bigint[], OUT status integer, OUT body jsonb)
 LANGUAGE plpgsql AS $$
 DECLARE
-    checked record;
+    checked         record;
+    refusal_headers jsonb;
 BEGIN
     SELECT * INTO checked FROM bps.key_check(api_key, scope) AS k;
     api_key_id := checked.api_key_id;
     IF checked.refusal IS NOT NULL THEN
-        SELECT r.status, r.body INTO status, body FROM bps.key_refusal(checked.refusal, scope) AS r;
+        SELECT r.status, r.body, r.headers INTO status, body, refusal_headers
+          FROM bps.key_refusal(checked.refusal, scope) AS r;
+        PERFORM set_config('response.headers', refusal_headers::text, true);
         RETURN;
     END IF;
     IF checked.stale THEN

@@ -202,6 +202,7 @@ DECLARE
     made           jsonb := '[]';
     document_hash  bytea;
     stored         bps.idempotency_keys;
+    replay_headers jsonb;
     key_account_id bigint;
 BEGIN
     IF NOT bps.at_read_committed() THEN
@@ -484,7 +485,10 @@ BEGIN
                 -- Another request holds the key here: this call's claims go, and that request's answer is given.
                 DELETE FROM bps.idempotency_keys AS k
                  WHERE k.bank_account_id = ANY (claimed) AND k.idempotency_key = bulk_transfer_xml.idempotency_key;
-                SELECT r.status, r.body INTO status, body FROM bps.idempotent_replay(stored, document_hash) AS r;
+                SELECT r.status, r.body, r.headers INTO status, body, replay_headers
+                  FROM bps.idempotent_replay(stored.payload_hash, stored.status, stored.body, stored.bulk_transfer_id,
+                                             document_hash) AS r;
+                PERFORM set_config('response.headers', replay_headers::text, true);
                 RETURN;
             END IF;
             claimed := claimed || key_account_id;
@@ -500,7 +504,7 @@ BEGIN
              ORDER BY b.account_id, b.n
         LOOP
             SELECT r.status, r.body INTO answer
-              FROM bps.bulk_transfer(item.payload, NULL, bank_account_ids, api_key_id, item.hash,
+              FROM bps.bulk_transfer(item.payload, NULL, api_key_id, item.hash,
                                      deduplicate => idempotency_key IS NULL) AS r;
             IF answer.status <> 201 THEN
                 failed_block := item.n;

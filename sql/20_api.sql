@@ -40,27 +40,66 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT * FROM bps.metrics()
 $$;
 
--- POST /bulk_transfer and /transfers/bulk. The service casts the body to jsonb in its own statement: a body
--- that is not JSON fails there (SQLSTATE class 22 or 54), and the service asks bps_api.authenticate first.
--- The hot path: the key check is inlined into its first statement, and the planner settings are the core's.
+-- POST /bulk_transfer and /transfers/bulk, many requests at once (the service's group commit): each with its
+-- own key, answered as if it had come alone, the requests taken one after the other in array order. label
+-- names the session after the requests (bps_api.request); NULL leaves the name as it is. The service casts
+-- the bodies to jsonb in its own statement: a body that is not JSON fails it (SQLSTATE class 22 or 54), and
+-- the service sends each request again on its own.
+CREATE OR REPLACE FUNCTION bps_api.bulk_transfers(label text, api_keys text[], payloads jsonb[],
+                                                  idempotency_keys text[])
+RETURNS TABLE (status integer, body jsonb, headers jsonb, bank_account_id bigint, api_key_id bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan SET jit = off AS $$
+DECLARE
+    key_ids  bigint[];
+    refusals integer[];
+    stale    bigint[];
+    allowed  integer[];
+BEGIN
+    IF label IS NOT NULL THEN
+        PERFORM bps_api.request(label, NULL);
+    END IF;
+    -- Every key checked in one statement (one index probe each); a key's last use written once a minute.
+    SELECT array_agg(c.api_key_id ORDER BY u.n), array_agg(c.refusal ORDER BY u.n),
+           array_agg(DISTINCT c.api_key_id) FILTER (WHERE c.refusal IS NULL AND c.stale),
+           array_agg(u.n ORDER BY u.n) FILTER (WHERE c.refusal IS NULL)
+      INTO key_ids, refusals, stale, allowed
+      FROM unnest(api_keys) WITH ORDINALITY AS u(api_key, n)
+     CROSS JOIN LATERAL bps.key_check(u.api_key, 'transfers:write') AS c;
+    IF stale IS NOT NULL THEN
+        PERFORM bps.touch_api_key(s.id) FROM unnest(stale) AS s(id);
+    END IF;
+    -- The refused keys' answers, and the others' from bps.bulk_transfers, limited to each key's accounts.
+    RETURN QUERY
+    SELECT coalesce(f.status, x.status), coalesce(f.body, x.body), coalesce(f.headers, x.headers), f.account_id,
+           key_ids[u.n]
+      FROM unnest(refusals) WITH ORDINALITY AS u(refusal, n)
+      LEFT JOIN LATERAL (SELECT * FROM bps.key_refusal(u.refusal, 'transfers:write') OFFSET 0) AS x ON true
+      LEFT JOIN (SELECT allowed[r.m] AS n, r.status, r.body, r.headers, r.account_id
+                   FROM bps.bulk_transfers(ARRAY(SELECT payloads[a.i] FROM unnest(allowed) WITH ORDINALITY AS a(i, o)
+                                                  ORDER BY a.o),
+                                           ARRAY(SELECT idempotency_keys[a.i] FROM unnest(allowed) WITH ORDINALITY
+                                                        AS a(i, o) ORDER BY a.o),
+                                           ARRAY(SELECT key_ids[a.i] FROM unnest(allowed) WITH ORDINALITY AS a(i, o)
+                                                  ORDER BY a.o))
+                        WITH ORDINALITY AS r(status, body, headers, account_id, m)) AS f ON f.n = u.n
+     ORDER BY u.n;
+END
+$$;
+
+-- POST /bulk_transfer and /transfers/bulk, one request: bps_api.bulk_transfers with one element (the
+-- service's call when a request's group call failed). Headers go to response.headers.
 CREATE OR REPLACE FUNCTION bps_api.bulk_transfer(api_key text, payload jsonb, idempotency_key text DEFAULT NULL,
                                                  OUT status integer, OUT body jsonb, OUT bank_account_id bigint,
                                                  OUT api_key_id bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    checked record;
+    answer_headers jsonb;
 BEGIN
-    SELECT * INTO checked FROM bps.key_check(api_key, 'transfers:write') AS k;
-    api_key_id := checked.api_key_id;
-    IF checked.refusal IS NOT NULL THEN
-        SELECT r.status, r.body INTO status, body FROM bps.key_refusal(checked.refusal, 'transfers:write') AS r;
-        RETURN;
-    END IF;
-    IF checked.stale THEN
-        PERFORM bps.touch_api_key(checked.api_key_id);
-    END IF;
-    SELECT r.status, r.body, r.account_id INTO status, body, bank_account_id
-      FROM bps.bulk_transfer(payload, idempotency_key, checked.bank_account_ids, checked.api_key_id) AS r;
+    SELECT r.status, r.body, r.headers, r.bank_account_id, r.api_key_id
+      INTO status, body, answer_headers, bank_account_id, api_key_id
+      FROM bps_api.bulk_transfers(NULL, ARRAY[api_key], ARRAY[payload], ARRAY[idempotency_key]) AS r;
+    PERFORM set_config('response.headers', answer_headers::text, true);
 END
 $$;
 

@@ -34,7 +34,7 @@ BULK_TRANSFER_SQL = (
 QUEUED_SQL = """
     SELECT count(*) FROM pg_stat_activity
      WHERE datname = current_database() AND pid <> pg_backend_pid()
-       AND wait_event_type = 'Lock' AND query LIKE '%.bulk_transfer(%'
+       AND wait_event_type = 'Lock' AND (query LIKE '%.bulk_transfer(%' OR query LIKE '%.bulk_transfers(%')
 """
 
 
