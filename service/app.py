@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import json
 import logging
 import re
@@ -21,6 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from . import db
 from .access import bearer_key
 from .config import Config
+from .intake import Intake, Item
 from .logs import ACCOUNT_ID, API_KEY_ID, REQUEST_ID, STARTED, route_of
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import DATABASE_SQL as METRICS_SQL
@@ -31,6 +33,7 @@ log = logging.getLogger("bps")
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", asyncpg.Pool)
 METRICS = web.AppKey("metrics", Metrics)
+INTAKE = web.AppKey("intake", Intake)
 
 # The entry points of schema bps_api, the only functions the service's database role may execute: each
 # answers the status and body, and the ids of the account and the key the call was about, for the access
@@ -53,6 +56,12 @@ def api_sql(function: str, *arguments: str, columns: str = ANSWER) -> str:
 # (class 54: nested too deep, too big). The function itself never raises those for a request.
 BULK_TRANSFER_SQL = api_sql("bulk_transfer", "$3::jsonb", "$4")
 UNREADABLE_JSON_CLASSES = ("22", "54")
+# Many requests in one statement (service/intake.py): the same columns, a row per request, in order.
+BULK_TRANSFERS_SQL = (
+    "SELECT r.status, r.body::text, r.headers::text, r.bank_account_id, r.api_key_id "
+    "FROM bps_api.bulk_transfers($1, $2::text[], $3::text[]::jsonb[], $4::text[]) "
+    "WITH ORDINALITY AS r(status, body, headers, bank_account_id, api_key_id, n) ORDER BY r.n"
+)
 # A pain.001 file: the function parses it (and answers 400 invalid_xml for a file that is not well-formed).
 BULK_TRANSFER_XML_SQL = api_sql("bulk_transfer_xml", "$3", "$4")
 # A pain.002 report: the document on 200, else the problem.
@@ -155,17 +164,25 @@ def function_response(
 
 async def fetch(request: web.Request, sql: str, *args) -> asyncpg.Record | None:
     """The row of one statement on a pooled connection; None when the database cannot answer."""
-    metrics = request.app[METRICS]
+    return await fetch_on(request.app, "fetchrow", sql, *args)
+
+
+async def fetch_on(app: web.Application, method: str, sql: str, *args, reraise: tuple = ()):
+    """What connection.`method` (fetchrow, fetch) gives for one statement on a pooled connection; None when
+    the database cannot answer (but for the errors in `reraise`)."""
+    metrics = app[METRICS]
     try:
         waited = perf_counter()
-        async with request.app[POOL].acquire(timeout=request.app[CONFIG].pool_timeout_seconds) as connection:
+        async with app[POOL].acquire(timeout=app[CONFIG].pool_timeout_seconds) as connection:
             metrics.observe_pool_wait(perf_counter() - waited)
             try:
-                return await connection.fetchrow(sql, *args)
+                return await getattr(connection, method)(sql, *args)
             except asyncpg.InternalClientError:
                 connection.terminate()  # (as db.connection_of does; inline on the hot path)
                 raise
-    except UNAVAILABLE:
+    except UNAVAILABLE as error:
+        if isinstance(error, reraise):
+            raise
         metrics.database_errors.labels("unavailable").inc()
         return None
 
@@ -294,6 +311,10 @@ async def bulk_transfer(request: web.Request) -> web.Response:
     if is_xml:
         return await call(request, BULK_TRANSFER_XML_SQL, key, body, idempotency_key)
     try:
+        intake = request.app.get(INTAKE)
+        if intake is not None and len(body) <= request.app[CONFIG].group_alone_bytes:
+            answer = await intake.submit(Item(request[REQUEST_ID], key, body, idempotency_key))
+            return unavailable(request) if answer is None else function_response(request, answer)
         return await call(request, BULK_TRANSFER_SQL, key, body, idempotency_key)
     except asyncpg.PostgresError as error:
         if (error.sqlstate or "")[:2] not in UNREADABLE_JSON_CLASSES:
@@ -452,6 +473,7 @@ async def metrics(request: web.Request) -> web.Response:
     except UNAVAILABLE:
         rows, up = [], 0
     rows = [("bps_database_up", "1 when the database answered this scrape.", "gauge", None, up), *rows]
+    request.app[METRICS].observe_queue(request.app.get(INTAKE))
     return web.Response(body=request.app[METRICS].exposition(rows), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
@@ -460,19 +482,32 @@ async def database_pool(app: web.Application):
     pool = await db.create_pool(config)
     await db.warm_pool(pool, config.pool_min_size)
     app[POOL] = pool
-    watch = asyncio.create_task(keep_metrics(app[METRICS], pool))
+    if config.group_max_requests > 0:
+        app[INTAKE] = Intake(
+            functools.partial(fetch_on, app),
+            BULK_TRANSFER_SQL,
+            BULK_TRANSFERS_SQL,
+            max_calls=config.pool_max_size,
+            max_requests=config.group_max_requests,
+            max_bytes=config.group_max_bytes,
+            observe=app[METRICS].observe_call,
+            retried=app[METRICS].group_retries.inc,
+        )
+    watch = asyncio.create_task(keep_metrics(app))
     yield
     watch.cancel()
     app[METRICS].flush()
     await pool.close()
 
 
-async def keep_metrics(metrics: Metrics, pool: asyncpg.Pool, every_seconds: float = 1) -> None:
-    """Adds this worker's counts to the shared figures and sets its pool's gauges, in the background (each
-    worker's are summed at scrape time)."""
+async def keep_metrics(app: web.Application, every_seconds: float = 1) -> None:
+    """Adds this worker's counts to the shared figures and sets its pool's and queue's gauges, in the
+    background (each worker's are summed at scrape time)."""
+    metrics = app[METRICS]
     while True:
         metrics.flush()
-        metrics.observe_pool(pool)
+        metrics.observe_pool(app[POOL])
+        metrics.observe_queue(app.get(INTAKE))
         await asyncio.sleep(every_seconds)
 
 

@@ -35,6 +35,12 @@ class Config:
     # 10000 transfers at their longest fields, JSON-escaped, stay well below this.
     max_body_bytes: int = 16 * MIB
     retry_after_seconds: int = 1
+    # Group commit (service/intake.py): the most requests and body bytes one call takes; 0 requests: each
+    # request its own call. A request whose body is larger than group_alone_bytes (about 300 transfers) has
+    # a call of its own.
+    group_max_requests: int = 64
+    group_max_bytes: int = MIB
+    group_alone_bytes: int = 64 * 1024
     shutdown_timeout_seconds: float = 30.0
     access_log: bool = True
     log_format: str = "text"
@@ -78,6 +84,9 @@ class Config:
             statement_timeout_ms=get("BPS_STATEMENT_TIMEOUT_MS", int, d.statement_timeout_ms),
             max_body_bytes=get("BPS_MAX_BODY_BYTES", int, d.max_body_bytes),
             retry_after_seconds=get("BPS_RETRY_AFTER", int, d.retry_after_seconds),
+            group_max_requests=get("BPS_GROUP_MAX_REQUESTS", int, d.group_max_requests),
+            group_max_bytes=get("BPS_GROUP_MAX_BYTES", int, d.group_max_bytes),
+            group_alone_bytes=get("BPS_GROUP_ALONE_BYTES", int, d.group_alone_bytes),
             shutdown_timeout_seconds=get("BPS_SHUTDOWN_TIMEOUT", float, d.shutdown_timeout_seconds),
             access_log=get("BPS_ACCESS_LOG", flag, d.access_log),
             log_format=get("BPS_LOG_FORMAT", log_format, d.log_format),

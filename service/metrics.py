@@ -64,6 +64,23 @@ class Metrics:
             buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
             registry=self.registry,
         )
+        self.call_requests = Histogram(
+            "bps_bulk_transfer_call_requests",
+            "Bulk transfer requests per call to the database: the group commit's groups (1: a request alone).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.group_retries = Counter(
+            "bps_bulk_transfer_group_retries",
+            "Group calls that failed (a body PostgreSQL could not parse, a deadlock) and were sent again one by one.",
+            registry=self.registry,
+        )
+        self.queued = Gauge(
+            "bps_bulk_transfer_queued_requests",
+            "Bulk transfer requests waiting for a connection of their worker to take them in its next call.",
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
         self.pool_connections = Gauge(
             "bps_db_pool_connections",
             "Connections of the workers' pools: open, in use, and the most they may open.",
@@ -120,8 +137,14 @@ class Metrics:
             child = self._outcome_children[outcome] = self.bulk_transfers.labels(outcome)
         self.count(child)
 
+    def observe_call(self, requests: int) -> None:
+        self.observe(self.call_requests, requests)
+
     def observe_pool_wait(self, seconds: float) -> None:
         self.observe(self.pool_acquire, seconds)
+
+    def observe_queue(self, intake) -> None:
+        self.queued.set(len(intake.queue) if intake is not None else 0)
 
     def observe_pool(self, pool) -> None:
         """The pool's figures, as this worker sees them now (each worker's gauges are summed)."""
