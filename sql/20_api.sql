@@ -53,37 +53,29 @@ SET plan_cache_mode = force_generic_plan SET jit = off AS $$
 DECLARE
     key_ids  bigint[];
     refusals integer[];
-    stale    bigint[];
-    allowed  integer[];
+    admitted jsonb[];  -- the payloads, NULL where the key is refused (the core answers those at once)
+    stale    boolean;
 BEGIN
     IF label IS NOT NULL THEN
         PERFORM bps_api.request(label, NULL);
     END IF;
     -- Every key checked in one statement (one index probe each); a key's last use written once a minute.
-    SELECT array_agg(c.api_key_id ORDER BY u.n), array_agg(c.refusal ORDER BY u.n),
-           array_agg(DISTINCT c.api_key_id) FILTER (WHERE c.refusal IS NULL AND c.stale),
-           array_agg(u.n ORDER BY u.n) FILTER (WHERE c.refusal IS NULL)
-      INTO key_ids, refusals, stale, allowed
-      FROM unnest(api_keys) WITH ORDINALITY AS u(api_key, n)
+    SELECT array_agg(c.api_key_id), array_agg(c.refusal), array_agg(CASE WHEN c.refusal IS NULL THEN u.payload END),
+           bool_or(c.refusal IS NULL AND c.stale)
+      INTO key_ids, refusals, admitted, stale
+      FROM unnest(api_keys, payloads) WITH ORDINALITY AS u(api_key, payload, n)  -- (aggregated in this order)
      CROSS JOIN LATERAL bps.key_check(u.api_key, 'transfers:write') AS c;
-    IF stale IS NOT NULL THEN
-        PERFORM bps.touch_api_key(s.id) FROM unnest(stale) AS s(id);
+    IF stale THEN
+        PERFORM bps.touch_api_key(s.id)
+           FROM (SELECT DISTINCT k.id FROM unnest(key_ids, refusals) AS k(id, refusal) WHERE k.refusal IS NULL) AS s;
     END IF;
-    -- The refused keys' answers, and the others' from bps.bulk_transfers, limited to each key's accounts.
+    -- Each request's answer from bps.bulk_transfers, limited to its key's accounts; a refused key's instead.
     RETURN QUERY
-    SELECT coalesce(f.status, x.status), coalesce(f.body, x.body), coalesce(f.headers, x.headers), f.account_id,
-           key_ids[u.n]
-      FROM unnest(refusals) WITH ORDINALITY AS u(refusal, n)
-      LEFT JOIN LATERAL (SELECT * FROM bps.key_refusal(u.refusal, 'transfers:write') OFFSET 0) AS x ON true
-      LEFT JOIN (SELECT allowed[r.m] AS n, r.status, r.body, r.headers, r.account_id
-                   FROM bps.bulk_transfers(ARRAY(SELECT payloads[a.i] FROM unnest(allowed) WITH ORDINALITY AS a(i, o)
-                                                  ORDER BY a.o),
-                                           ARRAY(SELECT idempotency_keys[a.i] FROM unnest(allowed) WITH ORDINALITY
-                                                        AS a(i, o) ORDER BY a.o),
-                                           ARRAY(SELECT key_ids[a.i] FROM unnest(allowed) WITH ORDINALITY AS a(i, o)
-                                                  ORDER BY a.o))
-                        WITH ORDINALITY AS r(status, body, headers, account_id, m)) AS f ON f.n = u.n
-     ORDER BY u.n;
+    SELECT coalesce(x.status, f.status), coalesce(x.body, f.body), coalesce(x.headers, f.headers), f.account_id,
+           key_ids[f.n]
+      FROM bps.bulk_transfers(admitted, idempotency_keys, key_ids) WITH ORDINALITY AS f(status, body, headers, account_id, n)
+      LEFT JOIN LATERAL (SELECT * FROM bps.key_refusal(refusals[f.n], 'transfers:write') OFFSET 0) AS x ON true
+     ORDER BY f.n;
 END
 $$;
 
