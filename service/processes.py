@@ -19,6 +19,7 @@ from .db import ROOT
 
 # The commands that listen, and the variable that names their port.
 PORT_VARIABLES = {"serve": "BPS_PORT", "rail-simulator": "BPS_RAIL_PORT"}
+POLL_SECONDS = 0.05  # between two looks at a starting process
 
 
 class Process:
@@ -104,7 +105,7 @@ class Process:
                 answered = False
             if answered and len(self.worker_pids()) >= self.workers:
                 return time.monotonic() - started
-            time.sleep(0.05)
+            time.sleep(POLL_SECONDS)
         raise TimeoutError(f"{self.command} on port {self.port} did not answer /health within {timeout:.0f} s")
 
     async def ready(self, within: float = 60, healthy: bool = True) -> float:

@@ -24,6 +24,7 @@ from .timeline import cluster_health, leader_of, render
 
 PG_BIN = Path(os.environ.get("BPS_HA_PG_BIN", "/usr/lib/postgresql/15/bin"))
 AS_POSTGRES = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
+POLL_SECONDS = 0.05  # between two looks at processes being reaped
 
 
 def free_ports(count: int) -> list[int]:
@@ -412,7 +413,7 @@ class Topology:
             kill([pid for pid, _ in left])
             deadline = time.monotonic() + 5
             while left and time.monotonic() < deadline:  # until the kernel has reaped them (bounded)
-                time.sleep(0.05)
+                time.sleep(POLL_SECONDS)
                 left = self.leftovers()
         return left
 
