@@ -57,7 +57,8 @@ DROP FUNCTION IF EXISTS bps.record_bulk_transfers(integer[], bigint[], bigint[],
 DROP FUNCTION IF EXISTS bps.record_bulk_transfers(integer[], bigint[], bigint[], text[], bytea[], text[], integer[],
                                                   bigint[], bigint[], date[], jsonb[]);
 DROP FUNCTION IF EXISTS bps.unrecord_bulk_transfers(integer[], bigint[]);
-DROP FUNCTION IF EXISTS bps.intake_decisions(text[], bigint[], bigint[], bytea[], boolean[], bigint[], bigint[], bigint[]);
+DROP FUNCTION IF EXISTS bps.intake_decisions(text[], bigint[], bigint[], bytea[], boolean[], bigint[], bigint[],
+                                             bigint[]);
 
 -- Claims an Idempotency-Key for a request on an account: NULL when it is this request's now, else the record
 -- of the request that holds it (waiting for that one to commit first, so its outcome is there).
@@ -450,7 +451,8 @@ BEGIN
         -- Requests written and no longer accepted lose their rows; accepted ones not yet written get theirs.
         IF dropped IS NOT NULL THEN
             DELETE FROM bps.transfers AS t
-             WHERE t.id IN (SELECT o.id FROM unnest(dropped) AS u(n) CROSS JOIN LATERAL bps.transfers_of(bulk_ids[u.n]) AS o);
+             WHERE t.id IN (SELECT o.id FROM unnest(dropped) AS u(n)
+                             CROSS JOIN LATERAL bps.transfers_of(bulk_ids[u.n]) AS o);
             DELETE FROM bps.bulk_transfers AS b WHERE b.id IN (SELECT bulk_ids[u.n] FROM unnest(dropped) AS u(n));
             FOREACH m IN ARRAY dropped LOOP
                 written[m] := false;

@@ -73,7 +73,8 @@ BEGIN
     RETURN QUERY
     SELECT coalesce(x.status, f.status), coalesce(x.body, f.body), coalesce(x.headers, f.headers), f.account_id,
            key_ids[f.n]
-      FROM bps.bulk_transfers(admitted, idempotency_keys, key_ids) WITH ORDINALITY AS f(status, body, headers, account_id, n)
+      FROM bps.bulk_transfers(admitted, idempotency_keys, key_ids) WITH ORDINALITY
+           AS f(status, body, headers, account_id, n)
       LEFT JOIN LATERAL (SELECT * FROM bps.key_refusal(refusals[f.n], 'transfers:write') OFFSET 0) AS x ON true
      ORDER BY f.n;
 END
