@@ -487,7 +487,7 @@ async def database_pool(app: web.Application):
             functools.partial(fetch_on, app),
             BULK_TRANSFER_SQL,
             BULK_TRANSFERS_SQL,
-            max_calls=config.pool_max_size,
+            max_calls=min(config.group_max_calls, config.pool_max_size),
             max_requests=config.group_max_requests,
             max_bytes=config.group_max_bytes,
             observe=app[METRICS].observe_call,

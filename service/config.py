@@ -39,6 +39,7 @@ class Config:
     # request its own call. A request whose body is larger than group_alone_bytes (about 300 transfers) has
     # a call of its own.
     group_max_requests: int = 64
+    group_max_calls: int = 1  # group calls in flight per worker (the rest of its pool: other requests)
     group_max_bytes: int = MIB
     group_alone_bytes: int = 64 * 1024
     shutdown_timeout_seconds: float = 30.0
@@ -85,6 +86,7 @@ class Config:
             max_body_bytes=get("BPS_MAX_BODY_BYTES", int, d.max_body_bytes),
             retry_after_seconds=get("BPS_RETRY_AFTER", int, d.retry_after_seconds),
             group_max_requests=get("BPS_GROUP_MAX_REQUESTS", int, d.group_max_requests),
+            group_max_calls=get("BPS_GROUP_MAX_CALLS", int, d.group_max_calls),
             group_max_bytes=get("BPS_GROUP_MAX_BYTES", int, d.group_max_bytes),
             group_alone_bytes=get("BPS_GROUP_ALONE_BYTES", int, d.group_alone_bytes),
             shutdown_timeout_seconds=get("BPS_SHUTDOWN_TIMEOUT", float, d.shutdown_timeout_seconds),

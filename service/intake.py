@@ -1,9 +1,10 @@
 """Group commit: the bulk transfer requests a worker receives while its calls to the database are in flight go
 together in its next call, one statement of bps_api.bulk_transfers that answers each as if it had come alone.
 
-No timer: a request that finds a call slot free (one per pool connection) is sent at once, alone; requests
-that arrive while every slot is busy queue, and the next slot to free up takes them all, up to max_requests
-and max_bytes of bodies. So an idle service adds no latency, and a busy one makes fewer, larger calls.
+No timer: a request that finds a call slot free (max_calls of them, BPS_GROUP_MAX_CALLS) is sent at once,
+alone; requests that arrive while every slot is busy queue, and the next slot to free up takes them all, up
+to max_requests and max_bytes of bodies. So an idle service adds no latency, and a busy one makes fewer,
+larger calls.
 Nothing is answered before its call has committed. A call that fails other than by the database being
 unavailable is made again one request at a time, in order, so one request (a body PostgreSQL cannot read as
 JSON, say, or a deadlock) cannot fail the others: each then gets what its own call gave, or raised.

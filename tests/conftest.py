@@ -25,7 +25,14 @@ database_url, service_url, pool, session_key = database_fixtures("session", "bps
 
 @pytest.fixture
 def config(database_url: str, service_url: str) -> Config:
-    return Config(database_url=database_url, service_database_url=service_url, pool_min_size=1, pool_max_size=10)
+    # As many group calls in flight as connections: the tests race requests against each other in the database.
+    return Config(
+        database_url=database_url,
+        service_database_url=service_url,
+        pool_min_size=1,
+        pool_max_size=10,
+        group_max_calls=10,
+    )
 
 
 @pytest.fixture

@@ -85,7 +85,8 @@ def http_door(client, config: Config) -> Door:
         }
         return Outcome(response.status, body, kept)
 
-    return Door("http", config.pool_max_size, send)
+    # Its group commit sends at most group_max_calls calls at once; the other requests wait in the service.
+    return Door("http", min(config.group_max_calls, config.pool_max_size), send)
 
 
 @pytest.fixture(params=["sql", "http"])
