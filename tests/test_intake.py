@@ -1,4 +1,4 @@
-"""The group commit of a real service (one worker, one connection): requests that arrive while its call is in
+"""The group commit of a running service (one worker, one connection): requests that arrive while its call is in
 flight go together in its next call, each answered as if alone; a body PostgreSQL cannot parse sends that
 group again one request at a time, and only that request is refused."""
 
