@@ -40,9 +40,9 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
                        jsonb_build_object('errors', errors))
 $$;
 
--- Headers for the HTTP layer travel PostgREST-style: bps.bulk_transfer puts a JSON object of them in the
--- transaction-local setting response.headers (set_config(..., true)), which the service reads in the
--- same statement and copies to the response; psql callers simply ignore it.
+-- Headers for the HTTP layer: bps.bulk_transfers answers them per request (a column); the one-request
+-- functions put a JSON object of them PostgREST-style in the transaction-local setting response.headers
+-- (set_config(..., true)), which the service reads in the same statement; psql callers simply ignore it.
 
 -- The id a path names (decimal digits within bigint), or NULL: an id that cannot exist is simply not found.
 CREATE OR REPLACE FUNCTION bps.id_of(path_segment text) RETURNS bigint

@@ -1,6 +1,6 @@
--- bps.bulk_transfer: the product. Every rule of the intake (docs/api.md), in the order of docs/design.md,
--- in one transaction: validate, find the account, settle duplicates and idempotency,
--- check the balance, write the whole request, debit. Returns the HTTP status and body.
+-- bps.bulk_transfers: the product. Every rule of the intake (docs/api.md), in the order of docs/design.md,
+-- for many requests in one transaction: validate, find the accounts, settle duplicates and idempotency,
+-- decide the balances, write the accepted requests, debit. bps.bulk_transfer is its call with one request.
 
 -- The insufficient_funds problem, with the figures a client needs to top up.
 CREATE OR REPLACE FUNCTION bps.insufficient_funds(balance_cents bigint, required_cents bigint) RETURNS jsonb

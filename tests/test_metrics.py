@@ -75,24 +75,20 @@ async def test_a_scrape_counts_every_workers_requests_and_the_database_figures(
     assert (created, invalid, first, replay) == ([201] * 6, [422] * 2, 201, 201)
 
     post_201 = {"method": "POST", "route": "/bulk_transfer", "status": "201"}
+
+    def delta(name: str, **labels) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
     # A worker adds its counts to the shared figures once a second: poll (bounded) until every worker has.
     after = await scrape(service.port)
     for _ in range(FLUSH_POLLS):
-        if (
-            value(after, "bps_bulk_transfer_requests_total", outcome="validation_failed")
-            - value(before, "bps_bulk_transfer_requests_total", outcome="validation_failed")
-            == 2
-            and value(after, "bps_http_requests_total", **post_201)
-            - value(before, "bps_http_requests_total", **post_201)
-            == 8
+        if delta("bps_bulk_transfer_requests_total", outcome="validation_failed") == 2 and (
+            delta("bps_http_requests_total", **post_201) == 8
         ):
             break
         await asyncio.sleep(POLL_SECONDS)
         after = await scrape(service.port)
     scrapes = [after, *[await scrape(service.port) for _ in range(5)]]
-
-    def delta(name: str, **labels) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
 
     assert delta("bps_http_requests_total", **post_201) == 8
     assert delta("bps_http_requests_total", method="POST", route="/bulk_transfer", status="422") == 2
