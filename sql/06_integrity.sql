@@ -7,21 +7,20 @@
 -- Every bulk transfer the inserted transfers name exists, on the account they name; each is locked
 -- FOR KEY SHARE, as a foreign-key check does, so a concurrent delete waits for this transaction.
 CREATE OR REPLACE FUNCTION bps.transfers_check_bulk_transfers() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_seqscan = off  -- (probes whatever the statistics say, as the checks of a foreign key are)
+AS $$
 DECLARE
     orphan record;
 BEGIN
-    WITH named AS (
-        SELECT DISTINCT i.bulk_transfer_id, i.bank_account_id FROM inserted AS i
-    ), found AS (
-        SELECT b.id, b.bank_account_id
-          FROM bps.bulk_transfers AS b
-          JOIN named AS n ON n.bulk_transfer_id = b.id AND n.bank_account_id = b.bank_account_id
-           FOR KEY SHARE OF b
-    )
+    -- (A probe of the primary key per bulk transfer, LATERAL so that it stays one whatever the table's
+    -- size was when the plan was cached: a join let the planner scan the whole table instead.)
     SELECT n.* INTO orphan
-      FROM named AS n
-     WHERE NOT EXISTS (SELECT FROM found AS f WHERE f.id = n.bulk_transfer_id AND f.bank_account_id = n.bank_account_id)
+      FROM (SELECT DISTINCT i.bulk_transfer_id, i.bank_account_id FROM inserted AS i) AS n
+      LEFT JOIN LATERAL (SELECT b.id FROM bps.bulk_transfers AS b
+                          WHERE b.id = n.bulk_transfer_id AND b.bank_account_id = n.bank_account_id
+                            FOR KEY SHARE) AS f ON true
+     WHERE f.id IS NULL
      LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'insert into bps.transfers names bulk transfer % on account %, which does not exist',
@@ -66,7 +65,9 @@ CREATE OR REPLACE TRIGGER bulk_transfers_keep_their_key
 -- A bulk transfer that still has transfers is neither deleted nor truncated away (TRUNCATE fires no delete
 -- trigger: it must take bps.transfers along in the same statement).
 CREATE OR REPLACE FUNCTION bps.bulk_transfers_check_transfers() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_seqscan = off  -- (probes whatever the statistics say, as the checks of a foreign key are)
+AS $$
 DECLARE
     kept bigint;
 BEGIN
@@ -78,7 +79,11 @@ BEGIN
         IF NOT bps.at_read_committed() THEN
             PERFORM bps.refuse_isolation_level('deleting from bps.bulk_transfers');
         END IF;
-        SELECT d.id INTO kept FROM deleted AS d WHERE EXISTS (SELECT FROM bps.transfers_of(d.id)) LIMIT 1;
+        -- (LATERAL with LIMIT: a range probe of the primary key per bulk transfer, never a scan of the table.)
+        SELECT d.id INTO kept
+          FROM deleted AS d
+         CROSS JOIN LATERAL (SELECT FROM bps.transfers_of(d.id) LIMIT 1) AS t
+         LIMIT 1;
     END IF;
     IF kept IS NOT NULL THEN
         RAISE EXCEPTION 'bulk transfer % still has transfers (a TRUNCATE must take bps.transfers along)', kept

@@ -1,0 +1,106 @@
+"""The rows a call reads do not grow with the tables. The functions plan each statement once per connection
+(plan_cache_mode = force_generic_plan), so a plan chosen while a table was small stays while it grows: a
+statement that a small table made a scan would then read every row on every call. Here one connection
+caches its plans on nearly empty tables, another fills them, and the first one's next calls must still read
+only their own rows (the transaction's own counts, pg_stat_xact_user_tables)."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+from support import database_fixtures, random_iban
+
+GROWN_REQUESTS = 3000  # bulk transfers the tables hold when the first connection calls again
+GROUP = [f"group-{n}" for n in range(32)]  # a group as large as the service sends
+READ_LIMIT = 60  # rows a small call may read from any one table (its own and a few index neighbours)
+
+database_url, service_url, pool, session_key = database_fixtures("module", "bps_plans")
+
+
+def request(iban: str, tag: str) -> str:
+    return json.dumps(
+        {
+            "organization_name": "Plans Corp",
+            "organization_iban": iban,
+            "organization_bic": "OIVUSCLQXXX",
+            "credit_transfers": [
+                {
+                    "amount": "1.00",
+                    "counterparty_name": "Supplier",
+                    "counterparty_iban": "DE89370400440532013000",
+                    "counterparty_bic": "COBADEFFXXX",
+                    "description": f"Invoice {tag}",
+                }
+            ],
+        }
+    )
+
+
+def call(connection, iban: str, tags: list[str], keys: list[str | None]) -> list[tuple[int, int | None]]:
+    """Each request's status and bulk transfer id."""
+    return connection.execute(
+        "SELECT status, (body ->> 'bulk_transfer_id')::bigint FROM bps.bulk_transfers(%s::jsonb[], %s::text[])",
+        ([request(iban, tag) for tag in tags], keys),
+    ).fetchall()
+
+
+def remove(connection, bulk_id: int) -> None:
+    """Deletes a bulk transfer: its journal entry and its transfers first, each found by an index."""
+    connection.execute("DELETE FROM bps.account_entries WHERE bulk_transfer_id = %s", (bulk_id,))
+    connection.execute(
+        "DELETE FROM bps.transfers WHERE id BETWEEN %s * 100000 AND %s * 100000 + 99999", (bulk_id, bulk_id)
+    )
+    connection.execute("DELETE FROM bps.bulk_transfers WHERE id = %s", (bulk_id,))
+
+
+def reads(connection) -> dict[str, int]:
+    """Rows read from each table of schema bps and not yet reported to the statistics (this transaction's,
+    and those of the session's transactions of the last second: only a difference within one transaction
+    says what a statement read)."""
+    return dict(
+        connection.execute(
+            "SELECT relname, coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+            " FROM pg_stat_xact_user_tables WHERE schemaname = 'bps'"
+        ).fetchall()
+    )
+
+
+@pytest.fixture(scope="module")
+def iban(database_url: str) -> str:
+    iban = random_iban()
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        # No autovacuum: the test decides when the tables are analyzed (each ANALYZE makes connections plan
+        # again).
+        for table in ("bulk_transfers", "transfers", "account_entries", "idempotency_keys", "bank_accounts"):
+            connection.execute(f"ALTER TABLE bps.{table} SET (autovacuum_enabled = false)")
+        connection.execute("SELECT bps.create_bank_account('Plans Corp', %s, 'OIVUSCLQXXX', 1000000000000)", (iban,))
+    return iban
+
+
+def test_calls_read_their_own_rows_after_the_tables_grew(database_url: str, iban: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as cached, psycopg.connect(database_url) as filler:
+        # Tables analyzed while they are small, then plans made on them: a group with a key and a duplicate,
+        # and the removal of a request's rows (bps.bulk_transfers removes a request it had written when a
+        # concurrent debit left it short).
+        call(filler, iban, [f"small-{tag}" for tag in GROUP], None)
+        filler.commit()
+        cached.execute("ANALYZE")
+        answers = call(cached, iban, ["a", "b", "b", *GROUP], [None, "k-b", *[None] * (1 + len(GROUP))])
+        assert [status for status, _ in answers] == [201, 201, 409, *[201] * len(GROUP)]
+        with cached.transaction(force_rollback=True):
+            remove(cached, answers[-1][1])
+
+        for start in range(0, GROWN_REQUESTS, 500):
+            tags = [f"fill-{n}" for n in range(start, start + 500)]
+            assert {status for status, _ in call(filler, iban, tags, [f"key-{tag}" for tag in tags])} == {201}
+            filler.commit()
+
+        with cached.transaction(force_rollback=True):
+            before = reads(cached)
+            answers = call(cached, iban, ["d", "e", "e", "f"], [None, "k-e", None, None])
+            assert [status for status, _ in answers] == [201, 201, 409, 201]
+            remove(cached, answers[-1][1])
+            read = {table: n - before.get(table, 0) for table, n in reads(cached).items()}
+    assert {table: n for table, n in read.items() if n > READ_LIMIT} == {}, read
