@@ -283,7 +283,9 @@ $$;
 --
 -- Each step is one statement over all the requests. Every call takes its locks in one order, so two calls
 -- cannot deadlock: Idempotency-Keys (by account and key), the per-payload advisory locks (by id), then the
--- accounts (by id), as late as possible.
+-- accounts (by id), as late as possible. A statement that joins a table names its rows by id or key (a probe,
+-- or `= ANY` of the ids it holds): plans are cached per connection, and a join planned while the table was
+-- small would otherwise go on reading all of it.
 CREATE OR REPLACE FUNCTION bps.bulk_transfers(payloads jsonb[], idempotency_keys text[] DEFAULT NULL,
                                               api_key_ids bigint[] DEFAULT NULL,
                                               payload_hashes bytea[] DEFAULT NULL,
@@ -364,8 +366,10 @@ BEGIN
              CROSS JOIN LATERAL (SELECT bps.envelope_problem(r.payload, settings.max_transfers_per_request) AS problem,
                                         r.payload -> 'credit_transfers' AS transfers
                                  OFFSET 0) AS e  -- (OFFSET 0: computed once, not wherever the inlined steps name it)
-              LEFT JOIN LATERAL bps.account_named(r.payload, CASE WHEN r.api_key_id IS NOT NULL
-                                                                  THEN coalesce(k.bank_account_ids, '{}') END) AS a
+              LEFT JOIN LATERAL (SELECT * FROM bps.account_named(r.payload,
+                                                                 CASE WHEN r.api_key_id IS NOT NULL
+                                                                      THEN coalesce(k.bank_account_ids, '{}') END)
+                                 OFFSET 0) AS a  -- (a probe of the IBAN's index per request, never a join)
                      ON e.problem IS NULL
               LEFT JOIN LATERAL bps.checked_transfers(e.transfers, a.currency, a.counterparty_check = 'strict') AS c
                      ON e.problem IS NULL
@@ -507,7 +511,7 @@ BEGIN
         SELECT array_agg(coalesce(l.balance_cents, s.b) ORDER BY s.o) INTO locked_balances
           FROM unnest(slots, balances) WITH ORDINALITY AS s(a, b, o)
           LEFT JOIN (SELECT a.id, a.balance_cents FROM bps.bank_accounts AS a
-                      WHERE a.id IN (SELECT accounts[i] FROM unnest(accepted) AS i)
+                      WHERE a.id = ANY (ARRAY(SELECT accounts[i] FROM unnest(accepted) AS i))
                       ORDER BY a.id
                         FOR NO KEY UPDATE) AS l ON l.id = s.a;
         locked := true;
@@ -527,7 +531,7 @@ BEGIN
             UPDATE bps.bank_accounts AS a
                SET balance_cents = a.balance_cents - s.total, version = a.version + s.entries
               FROM (SELECT p.a, sum(p.t)::bigint AS total, count(*) AS entries FROM per_request AS p GROUP BY p.a) AS s
-             WHERE a.id = s.a AND a.balance_cents >= s.total
+             WHERE a.id = s.a AND a.id = ANY (slots) AND a.balance_cents >= s.total
             RETURNING a.id, a.version - s.entries AS version_before
         )
         INSERT INTO bps.account_entries (bank_account_id, account_version, kind, amount_cents,

@@ -4,6 +4,9 @@
 --
 -- Locks are always taken in this order, so no two of these calls (nor a request's debit) can deadlock:
 -- runs, then transfers, then bulk transfers (by id), then bank accounts (by id).
+--
+-- Each statement names the rows it may touch by id (`= ANY` of an array it holds), beside any join: its plan
+-- is cached per connection, and a join planned while a table was small would otherwise scan all of it.
 
 -- Claims up to max_transfers transfers for `executor`, leased for `lease`: first the runs whose lease ran
 -- out (recovering: their outcome at the rail is unknown, so the rail must be asked before anything else),
@@ -22,7 +25,9 @@ AS $$
 DECLARE
     budget    integer := max_transfers;
     expired   CURSOR FOR
-        SELECT r.id, r.last_position - r.first_position + 1 AS size
+        SELECT r.id, r.last_position - r.first_position + 1 AS size,
+               bps.transfer_id(r.bulk_transfer_id, r.first_position) AS first_id,
+               bps.transfer_id(r.bulk_transfer_id, r.last_position) AS last_id
           FROM bps.execution_runs AS r
          WHERE r.settled_at IS NULL AND r.parked_at IS NULL AND r.lease_expires_at < now()
          ORDER BY r.lease_expires_at
@@ -39,6 +44,7 @@ DECLARE
     accounts  bigint[] := '{}';
     firsts    integer[] := '{}';
     lasts     integer[] := '{}';
+    claimed   bigint[];  -- the ids of the transfers in the runs made or renewed
 BEGIN
     IF executor IS NULL OR max_transfers IS NULL OR max_transfers < 1 OR lease IS NULL OR lease <= interval '0' THEN
         RAISE EXCEPTION 'claim_transfers needs an executor name, max_transfers >= 1 and a positive lease'
@@ -52,6 +58,7 @@ BEGIN
         EXIT WHEN NOT FOUND;
         renewing := renewing || candidate.id;
         budget := budget - candidate.size;
+        claimed := claimed || ARRAY(SELECT generate_series(candidate.first_id, candidate.last_id));
     END LOOP;
     CLOSE expired;
     IF cardinality(renewing) > 0 THEN
@@ -69,6 +76,7 @@ BEGIN
             ON t.id BETWEEN bps.transfer_id(r.bulk_transfer_id, r.first_position)
                         AND bps.transfer_id(r.bulk_transfer_id, r.last_position)
            AND t.status = 'processing'
+         WHERE t.id = ANY (claimed)
          ORDER BY t.id;
     END IF;
 
@@ -89,6 +97,9 @@ BEGIN
     IF cardinality(bulks) = 0 THEN
         RETURN;
     END IF;
+    claimed := ARRAY(SELECT bps.transfer_id(c.bulk_transfer_id, p)
+                       FROM unnest(bulks, firsts, lasts) AS c(bulk_transfer_id, first_position, last_position)
+                      CROSS JOIN LATERAL generate_series(c.first_position, c.last_position) AS p);
     RETURN QUERY
     WITH runs AS (
         INSERT INTO bps.execution_runs (bank_account_id, bulk_transfer_id, first_position, last_position, executor,
@@ -104,7 +115,7 @@ BEGIN
           FROM runs AS r
          WHERE t.id BETWEEN bps.transfer_id(r.bulk_transfer_id, r.first_position)
                         AND bps.transfer_id(r.bulk_transfer_id, r.last_position)
-           AND t.status = 'pending'
+           AND t.id = ANY (claimed) AND t.status = 'pending'
         RETURNING t.*
     ), counted AS (
         UPDATE bps.bulk_transfers AS b
@@ -112,7 +123,7 @@ BEGIN
                pending_count = b.pending_count - (r.last_position - r.first_position + 1),
                processing_count = b.processing_count + (r.last_position - r.first_position + 1)
           FROM runs AS r
-         WHERE b.id = r.bulk_transfer_id
+         WHERE b.id = r.bulk_transfer_id AND b.id = ANY (bulks)
     )
     SELECT r.id, r.attempt, false, t.id, t.amount_cents, t.amount_currency::text, t.counterparty_name,
            t.counterparty_iban, t.counterparty_bic, t.description, t.client_reference
@@ -130,12 +141,15 @@ SET plan_cache_mode = force_generic_plan
 SET enable_seqscan = off
 SET jit = off
 AS $$
+DECLARE
+    accounts bigint[];
 BEGIN
     IF coalesce(cardinality(transfer_ids), 0) = 0 THEN
         RETURN;
     END IF;
+    accounts := ARRAY(SELECT DISTINCT t.bank_account_id FROM bps.transfers AS t WHERE t.id = ANY (transfer_ids));
     PERFORM FROM bps.bank_accounts AS a
-     WHERE a.id IN (SELECT t.bank_account_id FROM bps.transfers AS t WHERE t.id = ANY (transfer_ids))
+     WHERE a.id = ANY (accounts)
      ORDER BY a.id
        FOR NO KEY UPDATE;
     WITH refunded AS (
@@ -152,7 +166,7 @@ BEGIN
         UPDATE bps.bank_accounts AS a
            SET balance_cents = a.balance_cents + t.cents, version = a.version + t.entries
           FROM totals AS t
-         WHERE a.id = t.bank_account_id
+         WHERE a.id = t.bank_account_id AND a.id = ANY (accounts)
         RETURNING a.id, a.balance_cents - t.cents AS balance_before, a.version - t.entries AS version_before
     )
     INSERT INTO bps.account_entries (bank_account_id, account_version, kind, amount_cents, previous_balance_cents,
@@ -203,7 +217,7 @@ BEGIN
       INTO live, live_from, live_to
       FROM (SELECT r.* FROM bps.execution_runs AS r
               JOIN unnest(run_ids, attempts) AS g(run_id, attempt) ON g.run_id = r.id AND g.attempt = r.attempt
-             WHERE r.settled_at IS NULL
+             WHERE r.id = ANY (run_ids) AND r.settled_at IS NULL
              ORDER BY r.id
                FOR NO KEY UPDATE OF r) AS r;
     IF live IS NULL THEN
@@ -220,7 +234,7 @@ BEGIN
         UPDATE bps.transfers AS t
            SET status = f.outcome, failure_reason = f.reason, status_changed_at = now()
           FROM fenced AS f
-         WHERE t.id = f.transfer_id AND t.status = 'processing'
+         WHERE t.id = f.transfer_id AND t.id = ANY (transfer_ids) AND t.status = 'processing'
         RETURNING t.id, t.bulk_transfer_id, t.status, f.run_id
     )
     SELECT array_agg(a.id), array_agg(a.bulk_transfer_id), array_agg(a.status), array_agg(a.run_id)
@@ -241,7 +255,7 @@ BEGIN
                    count(*) FILTER (WHERE s.status = 'failed') AS failed
               FROM unnest(settled_bulks, settled_statuses) AS s(bulk_transfer_id, status)
              GROUP BY s.bulk_transfer_id) AS c
-     WHERE b.id = c.bulk_transfer_id;
+     WHERE b.id = c.bulk_transfer_id AND b.id = ANY (settled_bulks);
 
     PERFORM bps.refund_transfers(ARRAY(SELECT s.id FROM unnest(settled, settled_statuses) AS s(id, status)
                                         WHERE s.status = 'failed'));
@@ -251,7 +265,7 @@ BEGIN
        SET open_count = r.open_count - c.n,
            settled_at = CASE WHEN r.open_count = c.n THEN now() END
       FROM (SELECT s.run_id, count(*) AS n FROM unnest(settled_runs) AS s(run_id) GROUP BY s.run_id) AS c
-     WHERE r.id = c.run_id;
+     WHERE r.id = c.run_id AND r.id = ANY (settled_runs);
     RETURN cardinality(settled);
 END
 $$;
@@ -271,7 +285,7 @@ LANGUAGE sql AS $$
                                            * (0.5 + random()),
                parked_at = CASE WHEN r.failures + 1 >= s.execution_max_attempts THEN now() END
           FROM unnest(run_ids, attempts) AS g(run_id, attempt), bps.settings AS s
-         WHERE r.id = g.run_id AND r.attempt = g.attempt AND r.settled_at IS NULL
+         WHERE r.id = g.run_id AND r.id = ANY (run_ids) AND r.attempt = g.attempt AND r.settled_at IS NULL
         RETURNING r.parked_at
     )
     SELECT count(*) FILTER (WHERE parked_at IS NOT NULL)::integer FROM released

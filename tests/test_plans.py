@@ -75,32 +75,67 @@ def iban(database_url: str) -> str:
         # again).
         for table in ("bulk_transfers", "transfers", "account_entries", "idempotency_keys", "bank_accounts"):
             connection.execute(f"ALTER TABLE bps.{table} SET (autovacuum_enabled = false)")
+        # Other accounts first, with lower ids: a scan of the accounts in id order reads them all.
+        connection.execute(
+            "SELECT bps.create_bank_account('Other Corp', 'FR76' || lpad(n::text, 23, '0'), 'OIVUSCLQXXX', 0)"
+            " FROM generate_series(1, 200) AS n"
+        )
         connection.execute("SELECT bps.create_bank_account('Plans Corp', %s, 'OIVUSCLQXXX', 1000000000000)", (iban,))
     return iban
 
 
-def test_calls_read_their_own_rows_after_the_tables_grew(database_url: str, iban: str) -> None:
+def execute(connection) -> None:
+    """An executor's round: claims a few transfers, then settles them, every other one failed (refunded)."""
+    claimed = connection.execute("SELECT run_id, attempt, transfer_id FROM bps.claim_transfers('plans', 6, '1 minute')")
+    runs, attempts, transfers = zip(*claimed.fetchall(), strict=True)
+    outcomes = ["executed" if n % 2 else "failed" for n in range(len(transfers))]
+    reasons = [None if outcome == "executed" else "AC04" for outcome in outcomes]
+    settled = connection.execute(
+        "SELECT bps.settle_transfers(%s, %s, %s, %s, %s)",
+        (list(runs), list(attempts), list(transfers), outcomes, reasons),
+    ).fetchone()[0]
+    assert settled == len(transfers) > 0
+
+
+@pytest.fixture(scope="module")
+def cached(database_url: str, iban: str):
+    """A connection whose plans were made on small, analyzed tables, once the tables have grown."""
     with psycopg.connect(database_url, autocommit=True) as cached, psycopg.connect(database_url) as filler:
-        # Tables analyzed while they are small, then plans made on them: a group with a key and a duplicate,
-        # and the removal of a request's rows (bps.bulk_transfers removes a request it had written when a
-        # concurrent debit left it short).
-        call(filler, iban, [f"small-{tag}" for tag in GROUP], None)
+        # The plans: a group with a key and a duplicate, the removal of a request's rows (bps.bulk_transfers
+        # removes a request it had written when a concurrent debit left it short) and an executor's round.
+        call(filler, iban, [f"small-{tag}" for tag in GROUP], [f"small-{tag}" for tag in GROUP])
         filler.commit()
         cached.execute("ANALYZE")
         answers = call(cached, iban, ["a", "b", "b", *GROUP], [None, "k-b", *[None] * (1 + len(GROUP))])
         assert [status for status, _ in answers] == [201, 201, 409, *[201] * len(GROUP)]
         with cached.transaction(force_rollback=True):
             remove(cached, answers[-1][1])
+            execute(cached)
 
         for start in range(0, GROWN_REQUESTS, 500):
             tags = [f"fill-{n}" for n in range(start, start + 500)]
             assert {status for status, _ in call(filler, iban, tags, [f"key-{tag}" for tag in tags])} == {201}
             filler.commit()
+        yield cached
 
-        with cached.transaction(force_rollback=True):
-            before = reads(cached)
-            answers = call(cached, iban, ["d", "e", "e", "f"], [None, "k-e", None, None])
-            assert [status for status, _ in answers] == [201, 201, 409, 201]
-            remove(cached, answers[-1][1])
-            read = {table: n - before.get(table, 0) for table, n in reads(cached).items()}
-    assert {table: n for table, n in read.items() if n > READ_LIMIT} == {}, read
+
+def read_by(connection, work) -> dict[str, int]:
+    """The rows `work(connection)` reads from each table that exceed READ_LIMIT, in a rolled-back transaction."""
+    with connection.transaction(force_rollback=True):
+        before = reads(connection)
+        work(connection)
+        read = {table: n - before.get(table, 0) for table, n in reads(connection).items()}
+    return {table: n for table, n in read.items() if n > READ_LIMIT}
+
+
+def test_an_intake_call_reads_its_own_rows_after_the_tables_grew(cached, iban: str) -> None:
+    def intake(connection) -> None:
+        answers = call(connection, iban, ["d", "e", "e", "f"], [None, "k-e", None, None])
+        assert [status for status, _ in answers] == [201, 201, 409, 201]
+        remove(connection, answers[-1][1])
+
+    assert read_by(cached, intake) == {}
+
+
+def test_an_executor_round_reads_its_own_rows_after_the_tables_grew(cached) -> None:
+    assert read_by(cached, execute) == {}
