@@ -97,6 +97,7 @@ BEGIN
     IF cardinality(bulks) = 0 THEN
         RETURN;
     END IF;
+    -- The transfers of the runs about to be made: each run's primary-key range, as ids.
     claimed := ARRAY(SELECT bps.transfer_id(c.bulk_transfer_id, p)
                        FROM unnest(bulks, firsts, lasts) AS c(bulk_transfer_id, first_position, last_position)
                       CROSS JOIN LATERAL generate_series(c.first_position, c.last_position) AS p);
@@ -112,10 +113,7 @@ BEGIN
     ), moved AS (
         UPDATE bps.transfers AS t
            SET status = 'processing', status_changed_at = now()
-          FROM runs AS r
-         WHERE t.id BETWEEN bps.transfer_id(r.bulk_transfer_id, r.first_position)
-                        AND bps.transfer_id(r.bulk_transfer_id, r.last_position)
-           AND t.id = ANY (claimed) AND t.status = 'pending'
+         WHERE t.id = ANY (claimed) AND t.status = 'pending'
         RETURNING t.*
     ), counted AS (
         UPDATE bps.bulk_transfers AS b
