@@ -10,7 +10,7 @@ import json
 
 import psycopg
 import pytest
-from support import database_fixtures, random_iban
+from support import Account, database_fixtures, random_iban, request_for, transfer
 
 GROWN_REQUESTS = 3000  # bulk transfers the tables hold when the first connection calls again
 GROUP = [f"group-{n}" for n in range(32)]  # a group as large as the service sends
@@ -19,30 +19,13 @@ READ_LIMIT = 60  # rows a small call may read from any one table (its own and a 
 database_url, service_url, pool, session_key = database_fixtures("module", "bps_plans")
 
 
-def request(iban: str, tag: str) -> str:
-    return json.dumps(
-        {
-            "organization_name": "Plans Corp",
-            "organization_iban": iban,
-            "organization_bic": "OIVUSCLQXXX",
-            "credit_transfers": [
-                {
-                    "amount": "1.00",
-                    "counterparty_name": "Supplier",
-                    "counterparty_iban": "DE89370400440532013000",
-                    "counterparty_bic": "COBADEFFXXX",
-                    "description": f"Invoice {tag}",
-                }
-            ],
-        }
-    )
-
-
-def call(connection, iban: str, tags: list[str], keys: list[str | None]) -> list[tuple[int, int | None]]:
-    """Each request's status and bulk transfer id."""
+def call(connection, account: Account, tags: list[str], keys: list[str | None]) -> list[tuple[int, int | None]]:
+    """One group call of a one-transfer request per tag (the same tag, the same payload): each request's
+    status and bulk transfer id."""
+    payloads = [json.dumps(request_for(account, [transfer("1.00", description=f"Invoice {tag}")])) for tag in tags]
     return connection.execute(
         "SELECT status, (body ->> 'bulk_transfer_id')::bigint FROM bps.bulk_transfers(%s::jsonb[], %s::text[])",
-        ([request(iban, tag) for tag in tags], keys),
+        (payloads, keys),
     ).fetchall()
 
 
@@ -50,7 +33,8 @@ def remove(connection, bulk_id: int) -> None:
     """Deletes a bulk transfer: its journal entry and its transfers first, each found by an index."""
     connection.execute("DELETE FROM bps.account_entries WHERE bulk_transfer_id = %s", (bulk_id,))
     connection.execute(
-        "DELETE FROM bps.transfers WHERE id BETWEEN %s * 100000 AND %s * 100000 + 99999", (bulk_id, bulk_id)
+        "DELETE FROM bps.transfers WHERE id BETWEEN bps.transfer_id(%s, 0) AND bps.transfer_id(%s, 99999)",
+        (bulk_id, bulk_id),
     )
     connection.execute("DELETE FROM bps.bulk_transfers WHERE id = %s", (bulk_id,))
 
@@ -68,7 +52,7 @@ def reads(connection) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def iban(database_url: str) -> str:
+def account(database_url: str) -> Account:
     iban = random_iban()
     with psycopg.connect(database_url, autocommit=True) as connection:
         # No autovacuum: the test decides when the tables are analyzed (each ANALYZE makes connections plan
@@ -80,8 +64,10 @@ def iban(database_url: str) -> str:
             "SELECT bps.create_bank_account('Other Corp', 'FR76' || lpad(n::text, 23, '0'), 'OIVUSCLQXXX', 0)"
             " FROM generate_series(1, 200) AS n"
         )
-        connection.execute("SELECT bps.create_bank_account('Plans Corp', %s, 'OIVUSCLQXXX', 1000000000000)", (iban,))
-    return iban
+        account_id = connection.execute(
+            "SELECT bps.create_bank_account('Plans Corp', %s, 'OIVUSCLQXXX', 1000000000000)", (iban,)
+        ).fetchone()[0]
+    return Account(account_id, "Plans Corp", iban, "OIVUSCLQXXX", "EUR")
 
 
 def execute(connection) -> None:
@@ -98,15 +84,15 @@ def execute(connection) -> None:
 
 
 @pytest.fixture(scope="module")
-def cached(database_url: str, iban: str):
+def cached(database_url: str, account: Account):
     """A connection whose plans were made on small, analyzed tables, once the tables have grown."""
     with psycopg.connect(database_url, autocommit=True) as cached, psycopg.connect(database_url) as filler:
         # The plans: a group with a key and a duplicate, the removal of a request's rows (bps.bulk_transfers
         # removes a request it had written when a concurrent debit left it short) and an executor's round.
-        call(filler, iban, [f"small-{tag}" for tag in GROUP], [f"small-{tag}" for tag in GROUP])
+        call(filler, account, [f"small-{tag}" for tag in GROUP], [f"small-{tag}" for tag in GROUP])
         filler.commit()
         cached.execute("ANALYZE")
-        answers = call(cached, iban, ["a", "b", "b", *GROUP], [None, "k-b", *[None] * (1 + len(GROUP))])
+        answers = call(cached, account, ["a", "b", "b", *GROUP], [None, "k-b", *[None] * (1 + len(GROUP))])
         assert [status for status, _ in answers] == [201, 201, 409, *[201] * len(GROUP)]
         with cached.transaction(force_rollback=True):
             remove(cached, answers[-1][1])
@@ -114,7 +100,7 @@ def cached(database_url: str, iban: str):
 
         for start in range(0, GROWN_REQUESTS, 500):
             tags = [f"fill-{n}" for n in range(start, start + 500)]
-            assert {status for status, _ in call(filler, iban, tags, [f"key-{tag}" for tag in tags])} == {201}
+            assert {status for status, _ in call(filler, account, tags, [f"key-{tag}" for tag in tags])} == {201}
             filler.commit()
         yield cached
 
@@ -128,9 +114,9 @@ def read_by(connection, work) -> dict[str, int]:
     return {table: n for table, n in read.items() if n > READ_LIMIT}
 
 
-def test_an_intake_call_reads_its_own_rows_after_the_tables_grew(cached, iban: str) -> None:
+def test_an_intake_call_reads_its_own_rows_after_the_tables_grew(cached, account: Account) -> None:
     def intake(connection) -> None:
-        answers = call(connection, iban, ["d", "e", "e", "f"], [None, "k-e", None, None])
+        answers = call(connection, account, ["d", "e", "e", "f"], [None, "k-e", None, None])
         assert [status for status, _ in answers] == [201, 201, 409, 201]
         remove(connection, answers[-1][1])
 
