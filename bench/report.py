@@ -144,8 +144,8 @@ def resources_table(results: list[dict]) -> str:
     """Where the CPU went (average cores) and what PostgreSQL's active backends waited on, per case."""
     lines = [
         "| case | batch | conc | service | pg backends | pg shared | client | other | service ms/req | pg ms/req "
-        "| active backends: waits |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| requests per call | active backends: waits |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         cores = r["cores"]
@@ -154,7 +154,7 @@ def resources_table(results: list[dict]) -> str:
             f"| {r['kind']} | {r['batch'] or '-'} | {r['concurrency']} | {cores['service']:.2f} | {cores['pg']:.2f} "
             f"| {cores['pg_shared']:.2f} | {cores['client']:.2f} | {cores['other']:.2f} "
             f"| {_number(r['cpu_ms_per_request']['service'], 3)} | {_number(r['cpu_ms_per_request']['pg'], 3)} "
-            f"| {waits} |"
+            f"| {_number(r.get('requests_per_call'), 2)} | {waits} |"
         )
     return "\n".join(lines)
 

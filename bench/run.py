@@ -50,6 +50,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -220,10 +221,12 @@ async def run_case(
     database_name = db.database_name(url)
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     before = system.snapshot(service_pids, clients.pids, database_name)
+    calls_before = await asyncio.to_thread(group_calls, server.port)
     if profiler is not None and case.kind != "floor":
         profiler.start(case.name, server.worker_pids(), settings.seconds)
     await asyncio.sleep(max(0.0, until - time.monotonic()))
     after = system.snapshot(service_pids, clients.pids, database_name)
+    calls_after = await asyncio.to_thread(group_calls, server.port)
     cores = system.cores_used(before, after, settings.seconds)
 
     records, samples, stuck, client_cpu = [], {}, 0, 0.0
@@ -243,12 +246,32 @@ async def run_case(
         },
         waits=await waits,
         stuck_requests=stuck,
+        requests_per_call=requests_per_call(calls_before, calls_after),
     )
     if samples:
         result["samples"] = samples
     if profiler is not None and case.kind != "floor":
         result["profile"] = await asyncio.to_thread(profiler.finish)
     return result
+
+
+def group_calls(port: int) -> tuple[float, float]:
+    """The service's running totals of bulk transfer requests and of the calls that took them to PostgreSQL
+    (its group commit's histogram, summed over the workers)."""
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals = dict.fromkeys(("sum", "count"), 0.0)
+    for line in text.splitlines():
+        for total in totals:
+            if line.startswith(f"bps_bulk_transfer_call_requests_{total} "):
+                totals[total] = float(line.split()[1])
+    return totals["sum"], totals["count"]
+
+
+def requests_per_call(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """The mean group size over a case: requests over calls (None: no bulk transfer call in it)."""
+    calls = after[1] - before[1]
+    return round((after[0] - before[0]) / calls, 2) if calls else None
 
 
 def progress(index: int, total: int, r: dict) -> str:
