@@ -1,5 +1,7 @@
-"""`python -m bench.function_ab REF [BATCH ...]`: the backend CPU of one bps.bulk_transfer call, at git
-revision REF against the working tree, in interleaved rounds on one machine.
+"""`python -m bench.function_ab REF [BATCH ...] [--group G]`: the backend CPU of one bps.bulk_transfer call, at
+git revision REF against the working tree, in interleaved rounds on one machine. With --group G, of one
+request inside the service's own group statement (service/app.py's, through asyncpg as the service sends
+it): G requests of BATCH transfers per call, each on an account of its own with its own API key.
 
 It makes two fresh databases (BPS_BENCH_ADMIN_URL's server), migrates both with this tree's migrations, then
 applies REF's sql/ files to the first and this tree's to the second, so the two differ only in their
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import uuid
 
+import asyncpg
 import psycopg
 
 from service import db
@@ -29,10 +32,15 @@ from . import database
 ROUNDS = 5
 CALLS = {1: 3000, 10: 1500, 100: 400, 1000: 60}
 ACCOUNT = ("ACME Corp", "FR10474608000002006107XXXXX", "OIVUSCLQXXX")
+GROUP_ACCOUNTS = 64  # the group mode's accounts: request k of a call debits account k % 64
 
 
-def payload(batch: int, tag: str) -> str:
-    name, iban, bic = ACCOUNT
+def group_iban(k: int) -> str:
+    return f"FR76300060000112345678{k:05d}"
+
+
+def payload(batch: int, tag: str, iban: str = ACCOUNT[1]) -> str:
+    name, _, bic = ACCOUNT
     transfers = [
         {
             "amount": f"1.{i % 100:02d}",
@@ -69,7 +77,46 @@ def make_database(admin_url: str, ref: str | None) -> str:
                 text = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True, check=True)
                 connection.execute(text.stdout)
         connection.execute("SELECT bps.create_bank_account(%s, %s, %s, 900000000000000)", ACCOUNT)
+        for k in range(GROUP_ACCOUNTS):
+            name, _, bic = ACCOUNT
+            connection.execute("SELECT bps.create_bank_account(%s, %s, %s, 900000000000000)", (name, group_iban(k), bic))
+        connection.execute("ANALYZE")
     return url
+
+
+async def per_request_microseconds(url: str, batch: int, calls: int, group: int) -> float:
+    """The backend CPU of one request in calls of the service's group statement, G requests each."""
+    from service.app import BULK_TRANSFERS_SQL
+
+    connection = await asyncpg.connect(url, server_settings={"jit": "off", "synchronous_commit": "off"})
+    try:
+        keys = [
+            await connection.fetchval(
+                "SELECT bps.create_api_key(ARRAY[a.id], 'function_ab') FROM bps.bank_accounts AS a WHERE a.iban = $1",
+                group_iban(k),
+            )
+            for k in range(GROUP_ACCOUNTS)
+        ]
+        pid = await connection.fetchval("SELECT pg_backend_pid()")
+        statement = await connection.prepare(BULK_TRANSFERS_SQL)
+
+        async def call(i: int) -> None:
+            tag = uuid.uuid4().hex[:16]
+            slots = [(i * group + j) % GROUP_ACCOUNTS for j in range(group)]
+            rows = await statement.fetch(
+                f"ab-{i}", [keys[k] for k in slots], [payload(batch, tag, group_iban(k)) for k in slots], [None] * group
+            )
+            if any(row["status"] != 201 for row in rows):
+                raise SystemExit(f"the group statement answered {[row['status'] for row in rows]}: {rows[0]['body'][:300]}")
+
+        for i in range(20):  # plans cached, caches warm
+            await call(i)
+        before = backend_cpu(pid)
+        for i in range(calls):
+            await call(20 + i)
+        return (backend_cpu(pid) - before) / (calls * group) * 1e6
+    finally:
+        await connection.close()
 
 
 def per_call_microseconds(url: str, batch: int, calls: int) -> float:
@@ -90,6 +137,11 @@ def per_call_microseconds(url: str, batch: int, calls: int) -> float:
 def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit(__doc__)
+    group = 0
+    if "--group" in argv:
+        at = argv.index("--group")
+        group = int(argv[at + 1])
+        argv = argv[:at] + argv[at + 2 :]
     ref, batches = argv[0], [int(b) for b in argv[1:]] or [1, 100, 1000]
     admin_url = os.environ.get("BPS_BENCH_ADMIN_URL") or database.ADMIN_URL
     urls = {}
@@ -97,14 +149,20 @@ def main(argv: list[str]) -> None:
         urls = {"ref": make_database(admin_url, ref), "tree": make_database(admin_url, None)}
         for batch in batches:
             calls = CALLS.get(batch, max(20, 60_000 // batch))
+            if group:
+                calls = max(20, calls // group)
             runs = {"ref": [], "tree": []}
             for _ in range(ROUNDS):
                 for side in ("ref", "tree"):
-                    runs[side].append(per_call_microseconds(urls[side], batch, calls))
+                    if group:
+                        runs[side].append(asyncio.run(per_request_microseconds(urls[side], batch, calls, group)))
+                    else:
+                        runs[side].append(per_call_microseconds(urls[side], batch, calls))
             old, new = min(runs["ref"]), min(runs["tree"])
+            unit = f"per request in calls of {group}" if group else "per call"
             print(
-                f"batch {batch:>5}: {ref} {old:8.0f} us, working tree {new:8.0f} us per call "
-                f"(fastest of {ROUNDS} rounds of {calls}); tree/ref {new / old:.3f}",
+                f"batch {batch:>5}: {ref} {old:8.0f} us, working tree {new:8.0f} us {unit} "
+                f"(fastest of {ROUNDS} rounds of {calls} calls); tree/ref {new / old:.3f}",
                 flush=True,
             )
     finally:

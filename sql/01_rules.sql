@@ -268,8 +268,10 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
 $$;
 
 -- Every rule the request's top level breaks, as {"field": "code"}; '{}' when it is valid.
--- account_name is NULL while the account is unknown.
-CREATE OR REPLACE FUNCTION bps.request_problems(payload jsonb, account_name text) RETURNS jsonb
+-- transfers: payload -> 'credit_transfers', which the caller has taken out once (for a large request, each
+-- `->` copies the whole list). account_name is NULL while the account is unknown.
+DROP FUNCTION IF EXISTS bps.request_problems(jsonb, text);
+CREATE OR REPLACE FUNCTION bps.request_problems(payload jsonb, transfers jsonb, account_name text) RETURNS jsonb
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT jsonb_strip_nulls(jsonb_build_object(
         'organization_iban', bps.text_problem(payload -> 'organization_iban', 'organization_iban', true),
@@ -279,9 +281,9 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
             CASE WHEN lower(bps.trim_space(payload ->> 'organization_name')) <> lower(bps.trim_space(account_name))
                 THEN 'organization_name_mismatch' END),
         'credit_transfers', CASE
-            WHEN payload -> 'credit_transfers' IS NULL THEN 'required'
-            WHEN jsonb_typeof(payload -> 'credit_transfers') <> 'array' THEN 'invalid_type'
-            WHEN jsonb_array_length(payload -> 'credit_transfers') = 0 THEN 'empty'
+            WHEN transfers IS NULL THEN 'required'
+            WHEN jsonb_typeof(transfers) <> 'array' THEN 'invalid_type'
+            WHEN jsonb_array_length(transfers) = 0 THEN 'empty'
         END,
         'requested_execution_date', bps.execution_date_problem(payload -> 'requested_execution_date')
     )) || bps.unknown_field_problems(payload, '{organization_name,organization_iban,organization_bic,credit_transfers,'
@@ -333,7 +335,7 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
                      ORDER BY e.n, e.pointer)
     FROM (
         SELECT 0 AS n, '/' || bps.pointer_token(p.key) AS pointer, p.key AS field, p.value AS code
-        FROM jsonb_each_text(bps.request_problems(payload, account_name)) AS p
+        FROM jsonb_each_text(bps.request_problems(payload, payload -> 'credit_transfers', account_name)) AS p
         UNION ALL
         SELECT t.n,
                '/credit_transfers/' || (t.n - 1)

@@ -103,16 +103,17 @@ $$;
 -- statement that calls them, so naming a step costs nothing at run time.
 
 -- Step 1: the problem with the request's envelope (not a JSON object, too many transfers), or NULL.
-CREATE OR REPLACE FUNCTION bps.envelope_problem(payload jsonb, max_transfers integer) RETURNS jsonb
+-- transfers: payload -> 'credit_transfers', taken out once by the caller.
+DROP FUNCTION IF EXISTS bps.envelope_problem(jsonb, integer);
+CREATE OR REPLACE FUNCTION bps.envelope_problem(payload jsonb, transfers jsonb, max_transfers integer) RETURNS jsonb
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT CASE
         WHEN jsonb_typeof(payload) IS DISTINCT FROM 'object' THEN
             bps.problem(400, 'invalid_json', 'The request body must be a JSON object.')
-        WHEN jsonb_typeof(payload -> 'credit_transfers') = 'array'
-             AND jsonb_array_length(payload -> 'credit_transfers') > max_transfers THEN
+        WHEN jsonb_typeof(transfers) = 'array' AND jsonb_array_length(transfers) > max_transfers THEN
             bps.problem(413, 'payload_too_large',
                 format('A request may hold at most %s transfers; this one holds %s.',
-                       max_transfers, jsonb_array_length(payload -> 'credit_transfers')))
+                       max_transfers, jsonb_array_length(transfers)))
     END
 $$;
 
@@ -363,9 +364,13 @@ BEGIN
               FROM unnest(payloads, idempotency_keys, api_key_ids, payload_hashes) WITH ORDINALITY
                    AS r(payload, idempotency_key, api_key_id, payload_hash, n)
               LEFT JOIN bps.api_credentials AS k ON k.id = r.api_key_id
-             CROSS JOIN LATERAL (SELECT bps.envelope_problem(r.payload, settings.max_transfers_per_request) AS problem,
-                                        r.payload -> 'credit_transfers' AS transfers
-                                 OFFSET 0) AS e  -- (OFFSET 0: computed once, not wherever the inlined steps name it)
+             -- (OFFSET 0: computed once, not wherever the inlined steps name it; each `->` of a large request
+             -- copies its whole list of transfers.)
+             CROSS JOIN LATERAL (SELECT r.payload -> 'credit_transfers' AS transfers OFFSET 0) AS l
+             CROSS JOIN LATERAL (SELECT bps.envelope_problem(r.payload, l.transfers,
+                                                             settings.max_transfers_per_request) AS problem,
+                                        l.transfers
+                                 OFFSET 0) AS e
               LEFT JOIN LATERAL (SELECT * FROM bps.account_named(r.payload,
                                                                  CASE WHEN r.api_key_id IS NOT NULL
                                                                       THEN coalesce(k.bank_account_ids, '{}') END)
@@ -376,7 +381,7 @@ BEGIN
              CROSS JOIN LATERAL (SELECT CASE
                     WHEN e.problem IS NOT NULL THEN e.problem
                     WHEN NOT coalesce(c.all_valid, false)
-                         OR bps.request_problems(r.payload, a.organization_name) <> '{}'
+                         OR bps.request_problems(r.payload, e.transfers, a.organization_name) <> '{}'
                          OR length(r.idempotency_key) NOT BETWEEN 1 AND 255
                         THEN bps.validation_failed(r.payload, a, r.idempotency_key)
                     WHEN a.id IS NULL THEN bps.problem(404, 'account_not_found',
