@@ -150,7 +150,7 @@ def main(argv: list[str]) -> None:
         for batch in batches:
             calls = CALLS.get(batch, max(20, 60_000 // batch))
             if group:
-                calls = max(20, calls // group)
+                calls = max(20, calls * 2 // group)
             runs = {"ref": [], "tree": []}
             for _ in range(ROUNDS):
                 for side in ("ref", "tree"):

@@ -59,6 +59,8 @@ DROP FUNCTION IF EXISTS bps.record_bulk_transfers(integer[], bigint[], bigint[],
 DROP FUNCTION IF EXISTS bps.unrecord_bulk_transfers(integer[], bigint[]);
 DROP FUNCTION IF EXISTS bps.intake_decisions(text[], bigint[], bigint[], bytea[], boolean[], bigint[], bigint[],
                                              bigint[]);
+DROP FUNCTION IF EXISTS bps.intake_decisions(text[], bigint[], bigint[], bytea[], boolean[], bigint[], bigint[],
+                                             bigint[], boolean[]);
 
 -- Claims an Idempotency-Key for a request on an account: NULL when it is this request's now, else the record
 -- of the request that holds it (waiting for that one to commit first, so its outcome is there).
@@ -182,16 +184,16 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         'transfers', transfers)
 $$;
 
--- The sequential decision of a call's requests, in array order, on the balances `balances` of the accounts
--- `slots` (each request's account is slots[i]'s entry): a duplicate of an earlier accepted request (in the
--- call: dup_request; in the database: dup_id), short of funds (balance: what it saw), or accepted (balance:
--- what it left). Only requests with outcome 'open' are decided; a request refused for funds consumes
+-- The sequential decision of a call's requests, in array order, on their accounts' balances (`balances`,
+-- by request: an account's balance is read at the first request that names it): a duplicate of an earlier
+-- accepted request (in the call: dup_request; in the database: dup_id), short of funds (balance: what it
+-- saw), or accepted (balance: what it left). Only requests with outcome 'open' are decided; a request refused for funds consumes
 -- nothing. With the rows already `written`: the accepted requests still to write (added) and the written
 -- ones no longer accepted (dropped). Arithmetic on arrays, no statement: the loop is over requests, never
 -- over transfers.
 CREATE OR REPLACE FUNCTION bps.intake_decisions(outcomes text[], accounts bigint[], totals bigint[],
                                                 hashes bytea[], dedup boolean[], db_duplicates bigint[],
-                                                slots bigint[], balances bigint[], written boolean[],
+                                                balances bigint[], written boolean[],
                                                 OUT decided text[], OUT balance bigint[], OUT dup_request integer[],
                                                 OUT dup_id bigint[], OUT accepted integer[], OUT added integer[],
                                                 OUT dropped integer[])
@@ -221,7 +223,7 @@ BEGIN
                 CONTINUE;
             END IF;
         END IF;
-        slot := array_position(slots, accounts[i]);
+        slot := array_position(accounts, accounts[i]);
         IF totals[i] > balances[slot] THEN
             decided[i] := 'short';
             balance[i] := balances[slot];
@@ -326,8 +328,7 @@ DECLARE
     dup_ids        bigint[];
     bulk_ids       bigint[];
     receipts       jsonb[];
-    -- The accounts the requests name, in id order: their balances as read, then under their locks.
-    slots          bigint[];
+    -- Each request's account's balance as read, then under its lock (see bps.intake_decisions).
     balances       bigint[];
     locked_balances bigint[];
     locked         boolean := false;
@@ -336,6 +337,7 @@ DECLARE
     added          integer[];
     accepted       integer[];
     answer         record;
+    decision       record;
     m              integer;
     entries        integer;
 BEGIN
@@ -448,15 +450,20 @@ BEGIN
 
     -- 6. The decisions, in order, on the balances read at lookup (most short requests are turned away
     -- without a lock); every accepted request is written before any account is locked.
-    SELECT array_agg(s.a), array_agg(s.b) INTO slots, balances
-      FROM (SELECT DISTINCT u.a, u.b FROM unnest(accounts, read_balances, outcomes) AS u(a, b, o)
-             WHERE u.o = 'open' ORDER BY u.a) AS s;
+    balances := read_balances;  -- (one statement's reads: the same for every request on an account)
     written := array_fill(false, ARRAY[coalesce(cardinality(outcomes), 0)]);
     bulk_ids := array_fill(NULL::bigint, ARRAY[coalesce(cardinality(outcomes), 0)]);
     LOOP
-        SELECT d.* INTO decided, balances_left, dup_requests, dup_ids, accepted, added, dropped
-          FROM bps.intake_decisions(outcomes, accounts, totals, hashes, dedup, db_duplicates, slots, balances,
-                                    written) AS d;
+        -- (An expression, not a query: PL/pgSQL evaluates it without starting an executor.)
+        decision := bps.intake_decisions(outcomes, accounts, totals, hashes, dedup, db_duplicates, balances,
+                                         written);
+        decided := decision.decided;
+        balances_left := decision.balance;
+        dup_requests := decision.dup_request;
+        dup_ids := decision.dup_id;
+        accepted := decision.accepted;
+        added := decision.added;
+        dropped := decision.dropped;
         -- Requests written and no longer accepted lose their rows; accepted ones not yet written get theirs.
         IF dropped IS NOT NULL THEN
             DELETE FROM bps.transfers AS t
@@ -514,7 +521,7 @@ BEGIN
         -- account serialize only for the debit, the journal and the commit. Where a balance moved since the
         -- lookup (a concurrent call spent or credited the account), decide again on what it holds.
         SELECT array_agg(coalesce(l.balance_cents, s.b) ORDER BY s.o) INTO locked_balances
-          FROM unnest(slots, balances) WITH ORDINALITY AS s(a, b, o)
+          FROM unnest(accounts, balances) WITH ORDINALITY AS s(a, b, o)
           LEFT JOIN (SELECT a.id, a.balance_cents FROM bps.bank_accounts AS a
                       WHERE a.id = ANY (ARRAY(SELECT accounts[i] FROM unnest(accepted) AS i))
                       ORDER BY a.id
@@ -536,7 +543,7 @@ BEGIN
             UPDATE bps.bank_accounts AS a
                SET balance_cents = a.balance_cents - s.total, version = a.version + s.entries
               FROM (SELECT p.a, sum(p.t)::bigint AS total, count(*) AS entries FROM per_request AS p GROUP BY p.a) AS s
-             WHERE a.id = s.a AND a.id = ANY (slots) AND a.balance_cents >= s.total
+             WHERE a.id = s.a AND a.id = ANY (accounts) AND a.balance_cents >= s.total
             RETURNING a.id, a.version - s.entries AS version_before
         )
         INSERT INTO bps.account_entries (bank_account_id, account_version, kind, amount_cents,
