@@ -244,15 +244,19 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
 $$;
 
 -- The date a 'YYYY-MM-DD' string names, or NULL when it names none (2026-02-30, 0000-01-01, 26-1-1, ...).
--- make_date, not a cast to date: a cast depends on DateStyle (STABLE), so the planner would not inline it.
+-- make_date, not a cast to date: a cast depends on DateStyle. PL/pgSQL and STRICT, not an inlined SQL
+-- function: a statement that names it then builds one call, made only for a date that is there, where the
+-- inlined expression (some thirty function calls) was built on every execution of the statement.
 CREATE OR REPLACE FUNCTION bps.date_of(value text) RETURNS date
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN value ~ '^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$' AND left(value, 4) <> '0000' THEN
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+BEGIN
+    RETURN CASE WHEN value ~ '^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$' AND left(value, 4) <> '0000' THEN
         CASE WHEN substr(value, 9, 2)::integer
                   <= extract(day FROM make_date(left(value, 4)::integer, substr(value, 6, 2)::integer, 1)
                                       + interval '1 month' - interval '1 day')
              THEN make_date(left(value, 4)::integer, substr(value, 6, 2)::integer, substr(value, 9, 2)::integer) END
-    END
+    END;
+END
 $$;
 
 -- What is wrong with a request's requested_execution_date (any JSON value, NULL when absent): it must be a
