@@ -79,7 +79,9 @@ def make_database(admin_url: str, ref: str | None) -> str:
         connection.execute("SELECT bps.create_bank_account(%s, %s, %s, 900000000000000)", ACCOUNT)
         for k in range(GROUP_ACCOUNTS):
             name, _, bic = ACCOUNT
-            connection.execute("SELECT bps.create_bank_account(%s, %s, %s, 900000000000000)", (name, group_iban(k), bic))
+            connection.execute(
+                "SELECT bps.create_bank_account(%s, %s, %s, 900000000000000)", (name, group_iban(k), bic)
+            )
         connection.execute("ANALYZE")
     return url
 
@@ -107,7 +109,9 @@ async def per_request_microseconds(url: str, batch: int, calls: int, group: int)
                 f"ab-{i}", [keys[k] for k in slots], [payload(batch, tag, group_iban(k)) for k in slots], [None] * group
             )
             if any(row["status"] != 201 for row in rows):
-                raise SystemExit(f"the group statement answered {[row['status'] for row in rows]}: {rows[0]['body'][:300]}")
+                raise SystemExit(
+                    f"the group statement answered {[row['status'] for row in rows]}: {rows[0]['body'][:300]}"
+                )
 
         for i in range(20):  # plans cached, caches warm
             await call(i)
