@@ -61,6 +61,8 @@ DROP FUNCTION IF EXISTS bps.intake_decisions(text[], bigint[], bigint[], bytea[]
                                              bigint[]);
 DROP FUNCTION IF EXISTS bps.intake_decisions(text[], bigint[], bigint[], bytea[], boolean[], bigint[], bigint[],
                                              bigint[], boolean[]);
+DROP FUNCTION IF EXISTS bps.intake_decisions(text[], bigint[], bigint[], bytea[], boolean[], bigint[], bigint[],
+                                             boolean[]);
 
 -- Claims an Idempotency-Key for a request on an account: NULL when it is this request's now, else the record
 -- of the request that holds it (waiting for that one to commit first, so its outcome is there).
@@ -189,14 +191,14 @@ $$;
 -- accepted request (in the call: dup_request; in the database: dup_id), short of funds (balance: what it
 -- saw), or accepted (balance: what it left). Only requests with outcome 'open' are decided; a request refused for funds consumes
 -- nothing. With the rows already `written`: the accepted requests still to write (added) and the written
--- ones no longer accepted (dropped). Arithmetic on arrays, no statement: the loop is over requests, never
--- over transfers.
+-- ones no longer accepted (dropped), and the accounts the accepted ones debit. Arithmetic on arrays, no
+-- statement: the loop is over requests, never over transfers.
 CREATE OR REPLACE FUNCTION bps.intake_decisions(outcomes text[], accounts bigint[], totals bigint[],
                                                 hashes bytea[], dedup boolean[], db_duplicates bigint[],
                                                 balances bigint[], written boolean[],
                                                 OUT decided text[], OUT balance bigint[], OUT dup_request integer[],
                                                 OUT dup_id bigint[], OUT accepted integer[], OUT added integer[],
-                                                OUT dropped integer[])
+                                                OUT dropped integer[], OUT debited bigint[])
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     slot integer;
@@ -237,6 +239,9 @@ BEGIN
     FOR i IN 1 .. n LOOP
         IF decided[i] = 'accepted' THEN
             accepted := accepted || i;
+            IF debited IS NULL OR NOT accounts[i] = ANY (debited) THEN
+                debited := debited || accounts[i];
+            END IF;
             IF NOT written[i] THEN
                 added := added || i;
             END IF;
@@ -332,6 +337,9 @@ DECLARE
     balances       bigint[];
     locked_balances bigint[];
     locked         boolean := false;
+    lock_now       boolean := false;
+    redecide       boolean := true;
+    debited        bigint[];   -- the accounts the accepted requests debit
     written        boolean[];  -- whether its rows are written
     dropped        integer[];
     added          integer[];
@@ -454,86 +462,100 @@ BEGIN
     written := array_fill(false, ARRAY[coalesce(cardinality(outcomes), 0)]);
     bulk_ids := array_fill(NULL::bigint, ARRAY[coalesce(cardinality(outcomes), 0)]);
     LOOP
-        -- (An expression, not a query: PL/pgSQL evaluates it without starting an executor.)
-        decision := bps.intake_decisions(outcomes, accounts, totals, hashes, dedup, db_duplicates, balances,
-                                         written);
-        decided := decision.decided;
-        balances_left := decision.balance;
-        dup_requests := decision.dup_request;
-        dup_ids := decision.dup_id;
-        accepted := decision.accepted;
-        added := decision.added;
-        dropped := decision.dropped;
-        -- Requests written and no longer accepted lose their rows; accepted ones not yet written get theirs.
-        IF dropped IS NOT NULL THEN
-            DELETE FROM bps.transfers AS t
-             WHERE t.id IN (SELECT o.id FROM unnest(dropped) AS u(n)
-                             CROSS JOIN LATERAL bps.transfers_of(bulk_ids[u.n]) AS o);
-            DELETE FROM bps.bulk_transfers AS b WHERE b.id IN (SELECT bulk_ids[u.n] FROM unnest(dropped) AS u(n));
-            FOREACH m IN ARRAY dropped LOOP
-                written[m] := false;
-                bulk_ids[m] := NULL;
-            END LOOP;
+        -- (Step 7's locks, when the pass before asked for them; see below.)
+        IF lock_now THEN
+            SELECT array_agg(coalesce(l.balance_cents, s.b) ORDER BY s.o) INTO locked_balances
+              FROM unnest(accounts, balances) WITH ORDINALITY AS s(a, b, o)
+              LEFT JOIN (SELECT a.id, a.balance_cents FROM bps.bank_accounts AS a
+                          WHERE a.id = ANY (debited)
+                          ORDER BY a.id
+                            FOR NO KEY UPDATE) AS l ON l.id = s.a;
+            locked := true;
+            lock_now := false;
+            redecide := locked_balances IS DISTINCT FROM balances;
+            balances := locked_balances;
         END IF;
-        IF added IS NOT NULL THEN
-            FOREACH m IN ARRAY added LOOP
-                bulk_ids[m] := nextval('bps.bulk_transfers_id_seq');
-                written[m] := true;
-            END LOOP;
-            -- Each bulk transfer and all its transfers, two inserts for the whole call. A transfer's id follows
-            -- from its bulk transfer's id and its position (bps.transfer_id). The 201's lists of transfer ids
-            -- and client references come back through a composite type: to_jsonb builds an array in one go
-            -- (jsonb_agg of jsonb_build_object cost three times as much).
-            FOR answer IN
-                WITH bulk AS (
-                    INSERT INTO bps.bulk_transfers (id, bank_account_id, payload_hash, idempotency_key,
-                                                    transfer_count, total_cents, currency, api_key_id,
-                                                    requested_execution_date, pending_count)
-                    OVERRIDING SYSTEM VALUE
-                    SELECT bulk_ids[u.n], accounts[u.n], hashes[u.n], idempotency_keys[u.n], counts[u.n],
-                           totals[u.n], currencies[u.n], api_key_ids[u.n], dates[u.n], counts[u.n]
-                      FROM unnest(added) AS u(n)
-                ), made AS (
-                    INSERT INTO bps.transfers (id, bank_account_id, bulk_transfer_id, position, counterparty_name,
-                                               counterparty_iban, counterparty_bic, amount_cents, amount_currency,
-                                               description, client_reference)
-                    SELECT bps.transfer_id(q.bulk_id, t.ordinality - 1), q.account_id, q.bulk_id, t.ordinality - 1,
-                           t.counterparty_name, t.counterparty_iban, t.counterparty_bic, bps.cents(t.amount),
-                           q.currency, t.description, t.client_reference
-                      FROM (SELECT bulk_ids[u.n] AS bulk_id, accounts[u.n] AS account_id,
-                                   currencies[u.n] AS currency, payloads[u.n] -> 'credit_transfers' AS transfers
-                              FROM unnest(added) AS u(n) OFFSET 0) AS q  -- (once per request, not per transfer)
-                     CROSS JOIN LATERAL jsonb_populate_recordset(NULL::bps.transfer_input, q.transfers)
-                           WITH ORDINALITY AS t
-                    RETURNING bps.transfers.bulk_transfer_id, bps.transfers.id, bps.transfers.client_reference
-                )
-                SELECT array_position(bulk_ids, w.bulk_transfer_id) AS n,
-                       to_jsonb(array_agg((w.id, w.client_reference)::bps.transfer_receipt ORDER BY w.id)) AS list
-                  FROM made AS w
-                 GROUP BY w.bulk_transfer_id
-            LOOP
-                receipts[answer.n] := answer.list;
-            END LOOP;
+        IF redecide THEN
+            -- (An expression, not a query: PL/pgSQL evaluates it without starting an executor.)
+            decision := bps.intake_decisions(outcomes, accounts, totals, hashes, dedup, db_duplicates, balances,
+                                             written);
+            decided := decision.decided;
+            balances_left := decision.balance;
+            dup_requests := decision.dup_request;
+            dup_ids := decision.dup_id;
+            accepted := decision.accepted;
+            added := decision.added;
+            dropped := decision.dropped;
+            debited := decision.debited;
+            -- Requests written and no longer accepted lose their rows; accepted ones not yet written get theirs.
+            IF dropped IS NOT NULL THEN
+                DELETE FROM bps.transfers AS t
+                 WHERE t.id IN (SELECT o.id FROM unnest(dropped) AS u(n)
+                                 CROSS JOIN LATERAL bps.transfers_of(bulk_ids[u.n]) AS o);
+                DELETE FROM bps.bulk_transfers AS b WHERE b.id IN (SELECT bulk_ids[u.n] FROM unnest(dropped) AS u(n));
+                FOREACH m IN ARRAY dropped LOOP
+                    written[m] := false;
+                    bulk_ids[m] := NULL;
+                END LOOP;
+            END IF;
+            IF added IS NOT NULL THEN
+                FOREACH m IN ARRAY added LOOP
+                    bulk_ids[m] := nextval('bps.bulk_transfers_id_seq');
+                    written[m] := true;
+                END LOOP;
+                -- Each bulk transfer and all its transfers, two inserts for the whole call. A transfer's id follows
+                -- from its bulk transfer's id and its position (bps.transfer_id). The 201's lists of transfer ids
+                -- and client references come back through a composite type: to_jsonb builds an array in one go
+                -- (jsonb_agg of jsonb_build_object cost three times as much).
+                FOR answer IN
+                    WITH bulk AS (
+                        INSERT INTO bps.bulk_transfers (id, bank_account_id, payload_hash, idempotency_key,
+                                                        transfer_count, total_cents, currency, api_key_id,
+                                                        requested_execution_date, pending_count)
+                        OVERRIDING SYSTEM VALUE
+                        SELECT bulk_ids[u.n], accounts[u.n], hashes[u.n], idempotency_keys[u.n], counts[u.n],
+                               totals[u.n], currencies[u.n], api_key_ids[u.n], dates[u.n], counts[u.n]
+                          FROM unnest(added) AS u(n)
+                    ), made AS (
+                        INSERT INTO bps.transfers (id, bank_account_id, bulk_transfer_id, position, counterparty_name,
+                                                   counterparty_iban, counterparty_bic, amount_cents, amount_currency,
+                                                   description, client_reference)
+                        SELECT bps.transfer_id(q.bulk_id, t.ordinality - 1), q.account_id, q.bulk_id, t.ordinality - 1,
+                               t.counterparty_name, t.counterparty_iban, t.counterparty_bic, bps.cents(t.amount),
+                               q.currency, t.description, t.client_reference
+                          FROM (SELECT bulk_ids[u.n] AS bulk_id, accounts[u.n] AS account_id,
+                                       currencies[u.n] AS currency, payloads[u.n] -> 'credit_transfers' AS transfers
+                                  FROM unnest(added) AS u(n) OFFSET 0) AS q  -- (once per request, not per transfer)
+                         CROSS JOIN LATERAL jsonb_populate_recordset(NULL::bps.transfer_input, q.transfers)
+                               WITH ORDINALITY AS t
+                        RETURNING bps.transfers.bulk_transfer_id, bps.transfers.id, bps.transfers.client_reference
+                    )
+                    SELECT array_position(bulk_ids, w.bulk_transfer_id) AS n,
+                           to_jsonb(array_agg((w.id, w.client_reference)::bps.transfer_receipt ORDER BY w.id)) AS list
+                      FROM made AS w
+                     GROUP BY w.bulk_transfer_id
+                LOOP
+                    receipts[answer.n] := answer.list;
+                END LOOP;
+            END IF;
+            redecide := false;
         END IF;
-        EXIT WHEN locked OR accepted IS NULL;
+        EXIT WHEN accepted IS NULL;
 
-        -- 7. The row locks of the accounts debited, in id order, as late as possible: concurrent calls on one
-        -- account serialize only for the debit, the journal and the commit. Where a balance moved since the
-        -- lookup (a concurrent call spent or credited the account), decide again on what it holds.
-        SELECT array_agg(coalesce(l.balance_cents, s.b) ORDER BY s.o) INTO locked_balances
-          FROM unnest(accounts, balances) WITH ORDINALITY AS s(a, b, o)
-          LEFT JOIN (SELECT a.id, a.balance_cents FROM bps.bank_accounts AS a
-                      WHERE a.id = ANY (ARRAY(SELECT accounts[i] FROM unnest(accepted) AS i))
-                      ORDER BY a.id
-                        FOR NO KEY UPDATE) AS l ON l.id = s.a;
-        locked := true;
-        EXIT WHEN locked_balances IS NOT DISTINCT FROM balances;
-        balances := locked_balances;
-    END LOOP;
+        -- 7. The row locks of the accounts debited, in id order, as late as possible (at the top of the next
+        -- pass): concurrent calls on one account serialize only for the debit, the journal and the commit.
+        -- Where a balance moved since the lookup (a concurrent call spent or credited the account), the
+        -- requests are decided again on what it holds. One account needs no lock first (step 8).
+        IF NOT locked AND cardinality(debited) > 1 THEN
+            lock_now := true;
+            CONTINUE;
+        END IF;
 
-    -- 8. The debits, one per account, and a journal entry per request, each with the balance before and
-    -- after it (the account's version counts them).
-    IF accepted IS NOT NULL THEN
+        -- 8. The debits, one per account, and a journal entry per request, each with the balance before and
+        -- after it (the account's version counts them). Each debit requires the balance the decisions were
+        -- made on: under the locks it is there; one account's debit is its own lock (one row: no order to
+        -- keep), and where its balance moved since the lookup, nothing is debited and it is locked and
+        -- decided again.
         WITH per_request AS (
             SELECT u.n, u.a, u.t, u.b AS after, bulk_ids[u.n] AS bulk_id,
                    row_number() OVER (PARTITION BY u.a ORDER BY u.n) AS k
@@ -542,8 +564,10 @@ BEGIN
         ), debit AS (
             UPDATE bps.bank_accounts AS a
                SET balance_cents = a.balance_cents - s.total, version = a.version + s.entries
-              FROM (SELECT p.a, sum(p.t)::bigint AS total, count(*) AS entries FROM per_request AS p GROUP BY p.a) AS s
-             WHERE a.id = s.a AND a.id = ANY (accounts) AND a.balance_cents >= s.total
+              FROM (SELECT p.a, sum(p.t)::bigint AS total, count(*) AS entries,
+                           balances[array_position(accounts, p.a)] AS decided_on
+                      FROM per_request AS p GROUP BY p.a) AS s
+             WHERE a.id = s.a AND a.id = ANY (debited) AND a.balance_cents = s.decided_on
             RETURNING a.id, a.version - s.entries AS version_before
         )
         INSERT INTO bps.account_entries (bank_account_id, account_version, kind, amount_cents,
@@ -552,11 +576,13 @@ BEGIN
           FROM per_request AS p
           JOIN debit AS d ON d.id = p.a;
         GET DIAGNOSTICS entries = ROW_COUNT;
-        IF entries <> cardinality(accepted) THEN
+        EXIT WHEN entries = cardinality(accepted);
+        IF locked OR entries <> 0 THEN
             RAISE EXCEPTION 'bps.bulk_transfers: % debits decided, % made', cardinality(accepted), entries
                 USING ERRCODE = 'internal_error';
         END IF;
-    END IF;
+        lock_now := true;
+    END LOOP;
 
     -- 9-10. The answers, in one statement: the decided requests', the replays of a key's holder in the call,
     -- and each claimed key's record of its holder's answer, for the retries.
