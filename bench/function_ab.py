@@ -30,7 +30,7 @@ from service import db
 from . import database
 
 ROUNDS = 5
-CALLS = {1: 3000, 10: 1500, 100: 400, 1000: 60}
+CALLS = {1: 3000, 10: 1500, 100: 400, 1000: 150}
 ACCOUNT = ("ACME Corp", "FR10474608000002006107XXXXX", "OIVUSCLQXXX")
 GROUP_ACCOUNTS = 64  # the group mode's accounts: request k of a call debits account k % 64
 
