@@ -52,6 +52,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from service import db
@@ -255,20 +256,20 @@ async def run_case(
     return result
 
 
-def group_calls(port: int) -> tuple[float, float]:
+def group_calls(port: int) -> tuple[int, int]:
     """The service's running totals of bulk transfer requests and of the calls that took them to PostgreSQL
     (its group commit's histogram, summed over the workers)."""
     with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    totals = dict.fromkeys(("sum", "count"), 0.0)
+    totals = dict.fromkeys(("sum", "count"), 0)
     for line in text.splitlines():
         for total in totals:
             if line.startswith(f"bps_bulk_transfer_call_requests_{total} "):
-                totals[total] = float(line.split()[1])
+                totals[total] = int(Decimal(line.split()[1]))  # (whole numbers, written as 12.0)
     return totals["sum"], totals["count"]
 
 
-def requests_per_call(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+def requests_per_call(before: tuple[int, int], after: tuple[int, int]) -> float | None:
     """The mean group size over a case: requests over calls (None: no bulk transfer call in it)."""
     calls = after[1] - before[1]
     return round((after[0] - before[0]) / calls, 2) if calls else None
