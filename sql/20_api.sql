@@ -56,8 +56,8 @@ DECLARE
     admitted jsonb[];  -- the payloads, NULL where the key is refused (the core answers those at once)
     stale    boolean;
 BEGIN
-    IF label IS NOT NULL THEN  -- (what bps_api.request does, without a function call of its own)
-        PERFORM set_config('application_name', left('bps ' || label, 63), false);
+    IF label IS NOT NULL THEN
+        PERFORM bps_api.request(label, NULL);
     END IF;
     -- Every key checked in one statement (one index probe each); a key's last use written once a minute.
     SELECT array_agg(c.api_key_id), array_agg(c.refusal), array_agg(CASE WHEN c.refusal IS NULL THEN u.payload END),
