@@ -1,7 +1,9 @@
 """`python -m bench.function_ab REF [BATCH ...] [--group G]`: the backend CPU of one bps.bulk_transfer call, at
 git revision REF against the working tree, in interleaved rounds on one machine. With --group G, of one
 request inside the service's own group statement (service/app.py's, through asyncpg as the service sends
-it): G requests of BATCH transfers per call, each on an account of its own with its own API key.
+it): G requests of BATCH transfers per call, each on an account of its own with its own API key. With
+--pmtinf K, of one bps.bulk_transfer_xml call: a pain.001 file of K PmtInf of BATCH transfers, each PmtInf on an
+account of its own.
 
 It makes two fresh databases (BPS_BENCH_ADMIN_URL's server), migrates both with this tree's migrations, then
 applies REF's sql/ files to the first and this tree's to the second, so the two differ only in their
@@ -54,6 +56,31 @@ def payload(batch: int, tag: str, iban: str = ACCOUNT[1]) -> str:
     ]
     return json.dumps(
         {"organization_name": name, "organization_iban": iban, "organization_bic": bic, "credit_transfers": transfers}
+    )
+
+
+def pain001(batch: int, tag: str, pmtinf: int) -> str:
+    """A pain.001.001.09 file of `pmtinf` PmtInf of `batch` transfers each, PmtInf k on group account k."""
+    name, _, bic = ACCOUNT
+    rows = "".join(
+        f"<CdtTrfTxInf><PmtId><EndToEndId>{tag}-{i}</EndToEndId></PmtId>"
+        f'<Amt><InstdAmt Ccy="EUR">1.{i % 100:02d}</InstdAmt></Amt>'
+        "<CdtrAgt><FinInstnId><BICFI>CRLYFRPPTOU</BICFI></FinInstnId></CdtrAgt><Cdtr><Nm>Bip Bip</Nm></Cdtr>"
+        "<CdtrAcct><Id><IBAN>FR7630006000011234567890189</IBAN></Id></CdtrAcct>"
+        "<RmtInf><Ustrd>Wonderland/4410</Ustrd></RmtInf></CdtTrfTxInf>"
+        for i in range(batch)
+    )
+    blocks = "".join(
+        f"<PmtInf><PmtInfId>{tag}-{k}</PmtInfId><PmtMtd>TRF</PmtMtd><Dbtr><Nm>{name}</Nm></Dbtr>"
+        f"<DbtrAcct><Id><IBAN>{group_iban(k % GROUP_ACCOUNTS)}</IBAN></Id></DbtrAcct>"
+        f"<DbtrAgt><FinInstnId><BICFI>{bic}</BICFI></FinInstnId></DbtrAgt>{rows}</PmtInf>"
+        for k in range(pmtinf)
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<Document xmlns="urn:iso:std:iso:20022:tech:xsd:pain.001.001.09"><CstmrCdtTrfInitn>'
+        f"<GrpHdr><MsgId>{tag}</MsgId><CreDtTm>2026-01-01T00:00:00</CreDtTm><NbOfTxs>{batch * pmtinf}</NbOfTxs>"
+        f"<InitgPty><Nm>{name}</Nm></InitgPty></GrpHdr>{blocks}</CstmrCdtTrfInitn></Document>"
     )
 
 
@@ -123,29 +150,39 @@ async def per_request_microseconds(url: str, batch: int, calls: int, group: int)
         await connection.close()
 
 
-def per_call_microseconds(url: str, batch: int, calls: int) -> float:
+def per_call_microseconds(url: str, batch: int, calls: int, pmtinf: int = 0) -> float:
+    """A bps.bulk_transfer call's backend CPU; with pmtinf, a bps.bulk_transfer_xml call's, of a file of that many."""
+    if pmtinf:
+        sql = "SELECT * FROM bps.bulk_transfer_xml(%s)"
+        bodies = [pain001(batch, uuid.uuid4().hex[:16], pmtinf) for _ in range(calls + 20)]
+    else:
+        sql = "SELECT * FROM bps.bulk_transfer(%s::jsonb)"
+        bodies = [payload(batch, uuid.uuid4().hex[:16]) for _ in range(calls + 20)]
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("SET synchronous_commit = off; SET jit = off")  # jit: as the service's sessions
         pid = connection.execute("SELECT pg_backend_pid()").fetchone()[0]
-        bodies = [payload(batch, uuid.uuid4().hex[:16]) for _ in range(calls + 20)]
         for body in bodies[:20]:  # plans cached, caches warm
-            connection.execute("SELECT status FROM bps.bulk_transfer(%s::jsonb)", (body,))
+            connection.execute(sql, (body,))
         before = backend_cpu(pid)
         for body in bodies[20:]:
-            status, answer = connection.execute("SELECT * FROM bps.bulk_transfer(%s::jsonb)", (body,)).fetchone()
+            status, answer = connection.execute(sql, (body,)).fetchone()
             if status != 201:
-                raise SystemExit(f"bps.bulk_transfer answered {status}: {str(answer)[:300]}")
+                raise SystemExit(f"the call answered {status}: {str(answer)[:300]}")
         return (backend_cpu(pid) - before) / calls * 1e6
 
 
 def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit(__doc__)
-    group = 0
-    if "--group" in argv:
-        at = argv.index("--group")
-        group = int(argv[at + 1])
-        argv = argv[:at] + argv[at + 2 :]
+    options = {"--group": 0, "--pmtinf": 0}
+    for option in options:
+        if option in argv:
+            at = argv.index(option)
+            options[option] = int(argv[at + 1])
+            argv = argv[:at] + argv[at + 2 :]
+    group, pmtinf = options["--group"], options["--pmtinf"]
+    if group and pmtinf:
+        raise SystemExit("--group or --pmtinf, not both")
     ref, batches = argv[0], [int(b) for b in argv[1:]] or [1, 100, 1000]
     admin_url = os.environ.get("BPS_BENCH_ADMIN_URL") or database.ADMIN_URL
     urls = {}
@@ -155,15 +192,23 @@ def main(argv: list[str]) -> None:
             calls = CALLS.get(batch, max(20, 60_000 // batch))
             if group:
                 calls = max(20, calls * 2 // group)
+            if pmtinf:
+                calls = max(20, calls // pmtinf)
             runs = {"ref": [], "tree": []}
             for _ in range(ROUNDS):
                 for side in ("ref", "tree"):
                     if group:
                         runs[side].append(asyncio.run(per_request_microseconds(urls[side], batch, calls, group)))
                     else:
-                        runs[side].append(per_call_microseconds(urls[side], batch, calls))
+                        runs[side].append(per_call_microseconds(urls[side], batch, calls, pmtinf))
             old, new = min(runs["ref"]), min(runs["tree"])
-            unit = f"per request in calls of {group}" if group else "per call"
+            unit = (
+                f"per request in calls of {group}"
+                if group
+                else f"per file of {pmtinf} PmtInf"
+                if pmtinf
+                else "per call"
+            )
             print(
                 f"batch {batch:>5}: {ref} {old:8.0f} us, working tree {new:8.0f} us {unit} "
                 f"(fastest of {ROUNDS} rounds of {calls} calls); tree/ref {new / old:.3f}",
