@@ -196,10 +196,8 @@ DECLARE
     diagnose       boolean;
     key_accounts   bigint[];
     claimed        bigint[] := '{}';
-    item           record;
-    answer         record;
     failed_block   integer;
-    made           jsonb := '[]';
+    made           jsonb;
     document_hash  bytea;
     stored         bps.idempotency_keys;
     replay_headers jsonb;
@@ -495,25 +493,27 @@ BEGIN
         END LOOP;
     END IF;
 
-    -- 5. Each PmtInf a bulk transfer, in the order of their accounts (two files on the same accounts lock
-    -- them in the same order, so they cannot deadlock); the first refusal undoes them all.
+    -- 5. Every PmtInf a bulk transfer, all in one call of bps.bulk_transfers (so a file takes its locks in the
+    -- order every call takes them), in the order of their accounts; the first refusal undoes them all.
     BEGIN
-        FOR item IN
-            SELECT b.n, payloads[b.n] AS payload, decode(b.hash, 'hex') AS hash, b.id
-              FROM jsonb_to_recordset(blocks) AS b(n integer, hash text, id text, account_id bigint)
-             ORDER BY b.account_id, b.n
-        LOOP
-            SELECT r.status, r.body INTO answer
-              FROM bps.bulk_transfer(item.payload, NULL, api_key_id, item.hash,
-                                     deduplicate => idempotency_key IS NULL) AS r;
-            IF answer.status <> 201 THEN
-                failed_block := item.n;
-                status := answer.status;
-                body := answer.body;
-                RAISE EXCEPTION 'PmtInf % refused', item.n USING ERRCODE = 'BPS01';
-            END IF;
-            made := made || (jsonb_build_object('n', item.n, 'payment_information_id', item.id) || answer.body);
-        END LOOP;
+        SELECT (array_agg(o.blocks_n[r.k] ORDER BY r.k) FILTER (WHERE r.status <> 201))[1],
+               (array_agg(r.status ORDER BY r.k) FILTER (WHERE r.status <> 201))[1],
+               (array_agg(r.body ORDER BY r.k) FILTER (WHERE r.status <> 201))[1],
+               jsonb_agg(jsonb_build_object('n', o.blocks_n[r.k], 'payment_information_id', o.ids[r.k]) || r.body
+                         ORDER BY r.k)
+          INTO failed_block, status, body, made
+          FROM (SELECT array_agg(b.n ORDER BY b.account_id, b.n) AS blocks_n,
+                       array_agg(b.id ORDER BY b.account_id, b.n) AS ids,
+                       array_agg(payloads[b.n] ORDER BY b.account_id, b.n) AS block_payloads,
+                       array_agg(decode(b.hash, 'hex') ORDER BY b.account_id, b.n) AS hashes
+                  FROM jsonb_to_recordset(blocks) AS b(n integer, hash text, id text, account_id bigint)) AS o
+         CROSS JOIN LATERAL bps.bulk_transfers(o.block_payloads, NULL,
+                                               array_fill(api_key_id, ARRAY[cardinality(o.block_payloads)]), o.hashes,
+                                               deduplicate => idempotency_key IS NULL)
+                    WITH ORDINALITY AS r(status, body, headers, account_id, k);
+        IF failed_block IS NOT NULL THEN
+            RAISE EXCEPTION 'PmtInf % refused', failed_block USING ERRCODE = 'BPS01';
+        END IF;
     EXCEPTION WHEN SQLSTATE 'BPS01' THEN
         made := NULL;
     END;
