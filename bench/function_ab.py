@@ -29,7 +29,7 @@ import psycopg
 
 from service import db
 
-from . import database
+from . import database, payloads
 
 ROUNDS = 5
 CALLS = {1: 3000, 10: 1500, 100: 400, 1000: 150}
@@ -41,9 +41,8 @@ def group_iban(k: int) -> str:
     return f"FR76300060000112345678{k:05d}"
 
 
-def payload(batch: int, tag: str, iban: str = ACCOUNT[1]) -> str:
-    name, _, bic = ACCOUNT
-    transfers = [
+def transfers(batch: int, tag: str) -> list[dict]:
+    return [
         {
             "amount": f"1.{i % 100:02d}",
             "counterparty_name": "Bip Bip",
@@ -54,33 +53,25 @@ def payload(batch: int, tag: str, iban: str = ACCOUNT[1]) -> str:
         }
         for i in range(batch)
     ]
+
+
+def payload(batch: int, tag: str, iban: str = ACCOUNT[1]) -> str:
+    name, _, bic = ACCOUNT
     return json.dumps(
-        {"organization_name": name, "organization_iban": iban, "organization_bic": bic, "credit_transfers": transfers}
+        {
+            "organization_name": name,
+            "organization_iban": iban,
+            "organization_bic": bic,
+            "credit_transfers": transfers(batch, tag),
+        }
     )
 
 
 def pain001(batch: int, tag: str, pmtinf: int) -> str:
-    """A pain.001.001.09 file of `pmtinf` PmtInf of `batch` transfers each, PmtInf k on group account k."""
+    """A pain.001 file of `pmtinf` PmtInf of `batch` transfers each, PmtInf k on group account k."""
     name, _, bic = ACCOUNT
-    rows = "".join(
-        f"<CdtTrfTxInf><PmtId><EndToEndId>{tag}-{i}</EndToEndId></PmtId>"
-        f'<Amt><InstdAmt Ccy="EUR">1.{i % 100:02d}</InstdAmt></Amt>'
-        "<CdtrAgt><FinInstnId><BICFI>CRLYFRPPTOU</BICFI></FinInstnId></CdtrAgt><Cdtr><Nm>Bip Bip</Nm></Cdtr>"
-        "<CdtrAcct><Id><IBAN>FR7630006000011234567890189</IBAN></Id></CdtrAcct>"
-        "<RmtInf><Ustrd>Wonderland/4410</Ustrd></RmtInf></CdtTrfTxInf>"
-        for i in range(batch)
-    )
-    blocks = "".join(
-        f"<PmtInf><PmtInfId>{tag}-{k}</PmtInfId><PmtMtd>TRF</PmtMtd><Dbtr><Nm>{name}</Nm></Dbtr>"
-        f"<DbtrAcct><Id><IBAN>{group_iban(k % GROUP_ACCOUNTS)}</IBAN></Id></DbtrAcct>"
-        f"<DbtrAgt><FinInstnId><BICFI>{bic}</BICFI></FinInstnId></DbtrAgt>{rows}</PmtInf>"
-        for k in range(pmtinf)
-    )
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?>'
-        '<Document xmlns="urn:iso:std:iso:20022:tech:xsd:pain.001.001.09"><CstmrCdtTrfInitn>'
-        f"<GrpHdr><MsgId>{tag}</MsgId><CreDtTm>2026-01-01T00:00:00</CreDtTm><NbOfTxs>{batch * pmtinf}</NbOfTxs>"
-        f"<InitgPty><Nm>{name}</Nm></InitgPty></GrpHdr>{blocks}</CstmrCdtTrfInitn></Document>"
+    return payloads.pain001(
+        tag, name, [(f"{tag}-{k}", group_iban(k % GROUP_ACCOUNTS), bic, transfers(batch, tag)) for k in range(pmtinf)]
     )
 
 
@@ -202,13 +193,11 @@ def main(argv: list[str]) -> None:
                     else:
                         runs[side].append(per_call_microseconds(urls[side], batch, calls, pmtinf))
             old, new = min(runs["ref"]), min(runs["tree"])
-            unit = (
-                f"per request in calls of {group}"
-                if group
-                else f"per file of {pmtinf} PmtInf"
-                if pmtinf
-                else "per call"
-            )
+            unit = "per call"
+            if group:
+                unit = f"per request in calls of {group}"
+            elif pmtinf:
+                unit = f"per file of {pmtinf} PmtInf"
             print(
                 f"batch {batch:>5}: {ref} {old:8.0f} us, working tree {new:8.0f} us {unit} "
                 f"(fastest of {ROUNDS} rounds of {calls} calls); tree/ref {new / old:.3f}",

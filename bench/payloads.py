@@ -44,29 +44,47 @@ def _transfer(position: int) -> dict:
     }
 
 
+def pain001(message_id: str, name: str, blocks: list[tuple[str, str, str, list[dict]]]) -> str:
+    """A pain.001.001.09 file of one PmtInf per block (PmtInfId, debtor IBAN, debtor BIC, and its transfers as a
+    JSON request has them), with the counts and sums a bank checks."""
+
+    def rows(transfers: list[dict]) -> str:
+        return "".join(
+            f"<CdtTrfTxInf><PmtId><EndToEndId>{t['client_reference']}</EndToEndId></PmtId>"
+            f'<Amt><InstdAmt Ccy="EUR">{t["amount"]}</InstdAmt></Amt>'
+            f"<CdtrAgt><FinInstnId><BICFI>{t['counterparty_bic']}</BICFI></FinInstnId></CdtrAgt>"
+            f"<Cdtr><Nm>{t['counterparty_name']}</Nm></Cdtr><CdtrAcct><Id><IBAN>{t['counterparty_iban']}</IBAN></Id></CdtrAcct>"
+            f"<RmtInf><Ustrd>{t['description']}</Ustrd></RmtInf></CdtTrfTxInf>"
+            for t in transfers
+        )
+
+    def total(transfers: list[dict]) -> Decimal:
+        return sum((Decimal(t["amount"]) for t in transfers), Decimal(0))
+
+    payment_information = "".join(
+        f"<PmtInf><PmtInfId>{block_id}</PmtInfId><PmtMtd>TRF</PmtMtd><NbOfTxs>{len(transfers)}</NbOfTxs>"
+        f"<CtrlSum>{total(transfers)}</CtrlSum><ReqdExctnDt><Dt>2026-01-01</Dt></ReqdExctnDt>"
+        f"<Dbtr><Nm>{name}</Nm></Dbtr><DbtrAcct><Id><IBAN>{iban}</IBAN></Id></DbtrAcct>"
+        f"<DbtrAgt><FinInstnId><BICFI>{bic}</BICFI></FinInstnId></DbtrAgt><ChrgBr>SLEV</ChrgBr>"
+        f"{rows(transfers)}</PmtInf>"
+        for block_id, iban, bic, transfers in blocks
+    )
+    everything = [t for *_, transfers in blocks for t in transfers]
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<Document xmlns="urn:iso:std:iso:20022:tech:xsd:pain.001.001.09"><CstmrCdtTrfInitn>'
+        f"<GrpHdr><MsgId>{message_id}</MsgId><CreDtTm>2026-01-01T00:00:00</CreDtTm>"
+        f"<NbOfTxs>{len(everything)}</NbOfTxs><CtrlSum>{total(everything)}</CtrlSum>"
+        f"<InitgPty><Nm>{name}</Nm></InitgPty></GrpHdr>{payment_information}</CstmrCdtTrfInitn></Document>"
+    )
+
+
 def _pain001(batch: int) -> str:
     """The same request as a pain.001.001.09 file: one PmtInf, the counter in its GrpHdr/MsgId (what makes two
     files different to the duplicate check)."""
     transfers = [_transfer(i) for i in range(batch)]
-    total = sum(Decimal(t["amount"]) for t in transfers)
-    rows = "".join(
-        f"<CdtTrfTxInf><PmtId><EndToEndId>{t['client_reference']}</EndToEndId></PmtId>"
-        f'<Amt><InstdAmt Ccy="EUR">{t["amount"]}</InstdAmt></Amt>'
-        f"<CdtrAgt><FinInstnId><BICFI>{t['counterparty_bic']}</BICFI></FinInstnId></CdtrAgt>"
-        f"<Cdtr><Nm>{t['counterparty_name']}</Nm></Cdtr><CdtrAcct><Id><IBAN>{t['counterparty_iban']}</IBAN></Id></CdtrAcct>"
-        f"<RmtInf><Ustrd>{t['description']}</Ustrd></RmtInf></CdtTrfTxInf>"
-        for t in transfers
-    )
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?>'
-        '<Document xmlns="urn:iso:std:iso:20022:tech:xsd:pain.001.001.09"><CstmrCdtTrfInitn>'
-        f"<GrpHdr><MsgId>bench-{COUNTER_PLACEHOLDER}</MsgId><CreDtTm>2026-01-01T00:00:00</CreDtTm>"
-        f"<NbOfTxs>{batch}</NbOfTxs><CtrlSum>{total}</CtrlSum><InitgPty><Nm>{ORGANIZATION_NAME}</Nm></InitgPty></GrpHdr>"
-        f"<PmtInf><PmtInfId>bench</PmtInfId><PmtMtd>TRF</PmtMtd><NbOfTxs>{batch}</NbOfTxs><CtrlSum>{total}</CtrlSum>"
-        "<ReqdExctnDt><Dt>2026-01-01</Dt></ReqdExctnDt>"
-        f"<Dbtr><Nm>{ORGANIZATION_NAME}</Nm></Dbtr><DbtrAcct><Id><IBAN>{IBAN_PLACEHOLDER}</IBAN></Id></DbtrAcct>"
-        f"<DbtrAgt><FinInstnId><BICFI>{ORGANIZATION_BIC}</BICFI></FinInstnId></DbtrAgt><ChrgBr>SLEV</ChrgBr>"
-        f"{rows}</PmtInf></CstmrCdtTrfInitn></Document>"
+    return pain001(
+        f"bench-{COUNTER_PLACEHOLDER}", ORGANIZATION_NAME, [("bench", IBAN_PLACEHOLDER, ORGANIZATION_BIC, transfers)]
     )
 
 
