@@ -496,17 +496,17 @@ BEGIN
     -- 5. Every PmtInf a bulk transfer, all in one call of bps.bulk_transfers (so a file takes its locks in the
     -- order every call takes them), in the order of their accounts; the first refusal undoes them all.
     BEGIN
+        -- The first refusal in that order, if any, and every answer (made, sorted by n below).
         SELECT (array_agg(o.blocks_n[r.k] ORDER BY r.k) FILTER (WHERE r.status <> 201))[1],
                (array_agg(r.status ORDER BY r.k) FILTER (WHERE r.status <> 201))[1],
                (array_agg(r.body ORDER BY r.k) FILTER (WHERE r.status <> 201))[1],
-               jsonb_agg(jsonb_build_object('n', o.blocks_n[r.k], 'payment_information_id', o.ids[r.k]) || r.body
-                         ORDER BY r.k)
+               jsonb_agg(jsonb_build_object('n', o.blocks_n[r.k], 'payment_information_id', o.ids[r.k]) || r.body)
           INTO failed_block, status, body, made
-          FROM (SELECT array_agg(b.n ORDER BY b.account_id, b.n) AS blocks_n,
-                       array_agg(b.id ORDER BY b.account_id, b.n) AS ids,
-                       array_agg(payloads[b.n] ORDER BY b.account_id, b.n) AS block_payloads,
-                       array_agg(decode(b.hash, 'hex') ORDER BY b.account_id, b.n) AS hashes
-                  FROM jsonb_to_recordset(blocks) AS b(n integer, hash text, id text, account_id bigint)) AS o
+          -- (Aggregated in the order of this subquery: one sort, not one per aggregate.)
+          FROM (SELECT array_agg(b.n) AS blocks_n, array_agg(b.id) AS ids, array_agg(payloads[b.n]) AS block_payloads,
+                       array_agg(decode(b.hash, 'hex')) AS hashes
+                  FROM (SELECT * FROM jsonb_to_recordset(blocks) AS b(n integer, hash text, id text, account_id bigint)
+                         ORDER BY b.account_id, b.n) AS b) AS o
          CROSS JOIN LATERAL bps.bulk_transfers(o.block_payloads, NULL,
                                                array_fill(api_key_id, ARRAY[cardinality(o.block_payloads)]), o.hashes,
                                                deduplicate => idempotency_key IS NULL)
